@@ -1,0 +1,73 @@
+"""Test helpers: Flax variables <-> PyTorch state dicts of ``tests/torch_reference.py``.
+
+Written independently of :mod:`twins_jax.port` so that the parity tests of the
+training step do not rest on the code the porting tests check.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import torch
+
+_BN_PARAM = {'scale': 'weight', 'bias': 'bias'}
+_BN_STAT = {'mean': 'running_mean', 'var': 'running_var'}
+
+
+def _torch_module(path) -> str:
+  """('layer1_0', 'downsample_1') -> 'layer1.0.downsample.1'."""
+  parts = []
+  for p in path:
+    if p.startswith('layer') or p.startswith('downsample'):
+      parts.extend(p.split('_'))
+    else:
+      parts.append(p)
+  return '.'.join(parts)
+
+
+def flax_to_torch(variables: dict, twin: bool) -> dict[str, torch.Tensor]:
+  """The state dict a (twin) ``TorchResNet`` needs to compute what ``variables`` do."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
+    keys = [k.key for k in path]
+    collection, name, module = keys[0], keys[-1], _torch_module(keys[1:-1])
+    a = np.asarray(leaf, np.float32)
+    if collection == 'params' and name == 'kernel':
+      a = a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.T
+      out[f'{module}.weight'] = a
+    elif collection == 'params' and module == 'fc':
+      out['fc.bias'] = a
+    elif collection == 'params':
+      branch, _, kind = name.rpartition('_')
+      prefix = f'{module}.{branch}' if twin else module
+      out[f'{prefix}.{_BN_PARAM[kind]}'] = a
+    else:
+      branch = {'batch_stats': 'adaptive', 'frozen_stats': 'frozen'}[collection]
+      prefix = f'{module}.{branch}' if twin else module
+      out[f'{prefix}.{_BN_STAT[name]}'] = a
+  return {k: torch.from_numpy(np.array(v, np.float32)) for k, v in out.items()}
+
+
+def load_into(torch_model: torch.nn.Module, variables: dict, twin: bool) -> None:
+  state = flax_to_torch(variables, twin)
+  missing, unexpected = torch_model.load_state_dict(state, strict=False)
+  missing = [m for m in missing if not m.endswith('num_batches_tracked')]
+  assert not missing and not unexpected, (missing, unexpected)
+
+
+def randomize_bn(variables: dict, seed: int) -> dict:
+  """Non-trivial BN affine and statistics, different in the two branches."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    shape = leaf.shape
+    if name.endswith('scale'):
+      return rng.uniform(0.5, 1.5, shape).astype(np.float32)
+    if name == 'var':
+      return rng.uniform(0.5, 2.0, shape).astype(np.float32)
+    if name == 'mean' or (name.endswith('bias') and path[-2].key != 'fc'):
+      return rng.uniform(-0.5, 0.5, shape).astype(np.float32)
+    return np.asarray(leaf)
+
+  return jax.tree_util.tree_map_with_path(fill, variables)
