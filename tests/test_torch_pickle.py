@@ -123,7 +123,8 @@ def robustness_like_checkpoint():
     return {
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
-        "schedule": None,
+        # robustness saves the scheduler's state; MultiStepLR keeps a Counter in it
+        "schedule": torch.optim.lr_scheduler.MultiStepLR(opt, [30, 60]).state_dict(),
         "epoch": 90,
         "amp": None,
         "nat_prec1": torch.tensor(60.2),

@@ -370,7 +370,7 @@ del _names, _typ, _n
 
 # Types that may be called (REDUCE/INST/OBJ) or instantiated (NEWOBJ) with
 # arguments from the file: plain data constructors only.
-_SAFE_TYPES = frozenset(_DILL_TYPES.values()) | {argparse.Namespace}
+_SAFE_TYPES = frozenset(_DILL_TYPES.values()) | {argparse.Namespace, collections.Counter}
 
 
 def _dill_load_type(name: Any) -> type:
@@ -424,6 +424,8 @@ _ALLOWED: Dict[Tuple[str, str], Any] = {
     ("torch.storage", "UntypedStorage"): _UNTYPED_STORAGE,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("collections", "defaultdict"): _safe_defaultdict,
+    # MultiStepLR's state_dict keeps its milestones in a Counter (robustness saves it).
+    ("collections", "Counter"): collections.Counter,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
