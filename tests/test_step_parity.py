@@ -32,7 +32,7 @@ def _rel_err(a, b):
 def _run(method: str, twin: bool):
   """Runs three steps in both frameworks; returns the states after steps 0, 1 and 3."""
   model = models.create_model('tiny_resnet', 10, twin=twin)
-  variables = models.init_variables(model, jax.random.key(0))
+  variables = models.init_variables(model, 0)
   variables = flax_torch.randomize_bn(variables, seed=1)
 
   torch_model = ref.tiny_resnet(num_classes=10)
