@@ -1,0 +1,214 @@
+"""Model directories: a model's variables plus what it takes to rebuild it.
+
+A model directory is what training starts from and what prediction reads::
+
+    MODEL_DIR/
+      model.json    {"format": "twins_jax.model_dir", "version": 1,
+                     "model_kwargs": {arch, num_classes, resize, twin, share_affine},
+                     "metadata": {... free-form: source file, port report, date ...}}
+      variables/    an Orbax checkpoint of the variable tree
+                    ({'params', 'batch_stats'[, 'frozen_stats']}, see twins_jax.models)
+
+``model.json`` is written last, so a directory that has it is complete.
+
+Public API: :func:`save_model_dir`, :func:`load_model_dir`, :func:`read_model_json`,
+:func:`abstract_variables`, :class:`ModelDirError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from twins_jax import models
+
+FORMAT = 'twins_jax.model_dir'
+VERSION = 1
+MODEL_JSON = 'model.json'
+VARIABLES_DIR = 'variables'
+# The create_model keyword arguments a model directory records (dtype is a run-time choice).
+MODEL_KWARGS = ('arch', 'num_classes', 'resize', 'twin', 'share_affine')
+_REQUIRED_KWARGS = ('arch', 'num_classes')
+
+
+class ModelDirError(ValueError):
+  """A model directory is missing, incomplete or does not match its model."""
+
+
+def _check_model_kwargs(model_kwargs: Mapping[str, Any], where: str) -> dict:
+  if not isinstance(model_kwargs, Mapping):
+    raise ModelDirError(f'{where}: model_kwargs must be a dict, got {type(model_kwargs).__name__}.')
+  unknown = sorted(set(model_kwargs) - set(MODEL_KWARGS))
+  if unknown:
+    raise ModelDirError(f'{where}: unknown model_kwargs {unknown}; allowed: {list(MODEL_KWARGS)}.')
+  absent = [k for k in _REQUIRED_KWARGS if k not in model_kwargs]
+  if absent:
+    raise ModelDirError(f'{where}: model_kwargs lack {absent}.')
+  kw = dict(model_kwargs)
+  if kw['arch'] not in models.ARCHS:
+    raise ModelDirError(f'{where}: unknown arch {kw["arch"]!r}; known: {sorted(models.ARCHS)}.')
+  if not isinstance(kw['num_classes'], (int, np.integer)) or kw['num_classes'] < 1:
+    raise ModelDirError(f'{where}: num_classes must be a positive integer, got {kw["num_classes"]!r}.')
+  kw['num_classes'] = int(kw['num_classes'])
+  if kw.get('resize') is not None:
+    kw['resize'] = int(kw['resize'])
+  for k in ('twin', 'share_affine'):
+    if k in kw:
+      kw[k] = bool(kw[k])
+  return kw
+
+
+def abstract_variables(model: models.ResNet) -> dict:
+  """The model's variable tree as ``jax.ShapeDtypeStruct`` leaves (nothing computed)."""
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  return jax.eval_shape(functools.partial(model.init, mode=models.TRAIN), key, x)
+
+
+def _leaf_table(tree) -> dict:
+  """{'params/conv1/kernel': (shape, dtype)} for a tree of arrays/ShapeDtypeStructs/metadata."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+    out[name] = (tuple(leaf.shape), np.dtype(leaf.dtype))
+  return out
+
+
+def tree_differences(actual, expected) -> list:
+  """Human-readable differences (by name) between two trees of shaped leaves."""
+  a, e = _leaf_table(actual), _leaf_table(expected)
+  lines = [f'missing {n} {e[n][0]}' for n in sorted(set(e) - set(a))]
+  lines += [f'unexpected {n} {a[n][0]}' for n in sorted(set(a) - set(e))]
+  lines += [f'mis-shaped {n}: has {a[n][0]} {a[n][1]}, expected {e[n][0]} {e[n][1]}'
+            for n in sorted(set(a) & set(e)) if a[n] != e[n]]
+  return lines
+
+
+def _json_default(obj):
+  if isinstance(obj, np.generic):
+    return obj.item()
+  if isinstance(obj, (Path, os.PathLike)):
+    return os.fspath(obj)
+  if isinstance(obj, (set, frozenset)):
+    return sorted(obj)
+  return str(obj)
+
+
+def save_model_dir(path, variables: Mapping, model_kwargs: Mapping[str, Any],
+                   metadata: Optional[Mapping[str, Any]] = None, *,
+                   overwrite: bool = False) -> Path:
+  """Writes ``variables`` (Orbax, synchronously) and ``model.json`` to ``path``.
+
+  Args:
+    path: the directory; created if absent. A non-empty existing directory is refused
+      unless ``overwrite`` (then only its ``model.json`` and ``variables/`` are replaced;
+      other files in it are left alone).
+    variables: the model's variable tree; checked against ``create_model(**model_kwargs)``.
+    model_kwargs: ``create_model`` keyword arguments (:data:`MODEL_KWARGS`).
+    metadata: JSON-serialisable information (non-JSON leaves are stored as strings).
+
+  Returns:
+    The directory's absolute path.
+  """
+  path = Path(path).absolute()
+  kw = _check_model_kwargs(model_kwargs, f'save_model_dir({path})')
+  model = models.create_model(**kw)
+  diffs = tree_differences(variables, abstract_variables(model))
+  if diffs:
+    raise ModelDirError(f'variables do not fit create_model(**{kw}):\n  ' + '\n  '.join(diffs))
+  doc = {'format': FORMAT, 'version': VERSION, 'model_kwargs': kw,
+         'metadata': dict(metadata or {})}
+  text = json.dumps(doc, indent=2, sort_keys=True, default=_json_default)
+
+  if path.exists() and not path.is_dir():
+    raise ModelDirError(f'{path} exists and is not a directory.')
+  if path.is_dir() and any(path.iterdir()):
+    if not overwrite:
+      raise FileExistsError(f'{path} exists and is not empty; pass overwrite=True '
+                            '(--overwrite) to replace the model in it.')
+    (path / MODEL_JSON).unlink(missing_ok=True)
+    shutil.rmtree(path / VARIABLES_DIR, ignore_errors=True)
+  path.mkdir(parents=True, exist_ok=True)
+
+  arrays = jax.tree.map(lambda a: jnp.asarray(a), dict(variables))
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    checkpointer.save(path / VARIABLES_DIR, arrays)
+    checkpointer.wait_until_finished()
+  finally:
+    checkpointer.close()
+  tmp = path / (MODEL_JSON + '.tmp')
+  tmp.write_text(text + '\n')
+  os.replace(tmp, path / MODEL_JSON)
+  return path
+
+
+def read_model_json(path) -> dict:
+  """The parsed and checked ``model.json`` of a model directory."""
+  path = Path(path)
+  if not path.exists():
+    raise ModelDirError(f'model directory {path} does not exist.')
+  if not path.is_dir():
+    raise ModelDirError(f'{path} is not a directory (expected a model directory with '
+                        f'{MODEL_JSON} and {VARIABLES_DIR}/).')
+  mj = path / MODEL_JSON
+  if not mj.is_file():
+    raise ModelDirError(f'{path} is not a model directory: no {MODEL_JSON} '
+                        '(incomplete write, or not made by save_model_dir / twins_jax.port).')
+  try:
+    doc = json.loads(mj.read_text())
+  except (OSError, ValueError) as e:
+    raise ModelDirError(f'{mj} is not valid JSON: {e}') from e
+  if not isinstance(doc, dict) or doc.get('format') != FORMAT:
+    raise ModelDirError(f'{mj} is not a twins_jax model description (format != {FORMAT!r}).')
+  if doc.get('version') != VERSION:
+    raise ModelDirError(f'{mj} has version {doc.get("version")!r}; this code reads {VERSION}.')
+  doc['model_kwargs'] = _check_model_kwargs(doc.get('model_kwargs'), str(mj))
+  doc.setdefault('metadata', {})
+  return doc
+
+
+def load_model_dir(path, *, dtype: Any = jnp.float32) -> Tuple[models.ResNet, dict, dict]:
+  """Reads a model directory.
+
+  Args:
+    path: the directory written by :func:`save_model_dir`.
+    dtype: computation dtype of the rebuilt model (variables stay float32).
+
+  Returns:
+    ``(model, variables, meta)`` where ``meta`` is the parsed ``model.json``:
+    ``{'format', 'version', 'model_kwargs', 'metadata'}``.
+  """
+  path = Path(path).absolute()
+  doc = read_model_json(path)
+  model = models.create_model(**doc['model_kwargs'], dtype=dtype)
+  vdir = path / VARIABLES_DIR
+  if not vdir.is_dir():
+    raise ModelDirError(f'{path} has no {VARIABLES_DIR}/ checkpoint.')
+  target = abstract_variables(model)
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    try:
+      saved = checkpointer.metadata(vdir).item_metadata
+    except Exception as e:  # orbax raises various types for unreadable checkpoints
+      raise ModelDirError(f'{vdir} is not a readable Orbax checkpoint: {e}') from e
+    diffs = tree_differences(saved, target)
+    if diffs:
+      raise ModelDirError(f'{vdir} does not match create_model(**{doc["model_kwargs"]}):\n  '
+                          + '\n  '.join(diffs))
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          target)
+    variables = checkpointer.restore(vdir, target)
+  finally:
+    checkpointer.close()
+  return model, variables, doc
