@@ -31,7 +31,7 @@ def flax_to_torch(variables: dict, twin: bool) -> dict[str, torch.Tensor]:
   for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
     keys = [k.key for k in path]
     collection, name, module = keys[0], keys[-1], _torch_module(keys[1:-1])
-    a = np.asarray(leaf, np.float32)
+    a = np.asarray(leaf)
     if collection == 'params' and name == 'kernel':
       a = a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.T
       out[f'{module}.weight'] = a
@@ -45,7 +45,7 @@ def flax_to_torch(variables: dict, twin: bool) -> dict[str, torch.Tensor]:
       branch = {'batch_stats': 'adaptive', 'frozen_stats': 'frozen'}[collection]
       prefix = f'{module}.{branch}' if twin else module
       out[f'{prefix}.{_BN_STAT[name]}'] = a
-  return {k: torch.from_numpy(np.array(v, np.float32)) for k, v in out.items()}
+  return {k: torch.from_numpy(np.array(v)) for k, v in out.items()}
 
 
 def load_into(torch_model: torch.nn.Module, variables: dict, twin: bool) -> None:
@@ -63,11 +63,11 @@ def randomize_bn(variables: dict, seed: int) -> dict:
     name = path[-1].key
     shape = leaf.shape
     if name.endswith('scale'):
-      return rng.uniform(0.5, 1.5, shape).astype(np.float32)
+      return rng.uniform(0.5, 1.5, shape).astype(leaf.dtype)
     if name == 'var':
-      return rng.uniform(0.5, 2.0, shape).astype(np.float32)
+      return rng.uniform(0.5, 2.0, shape).astype(leaf.dtype)
     if name == 'mean' or (name.endswith('bias') and path[-2].key != 'fc'):
-      return rng.uniform(-0.5, 0.5, shape).astype(np.float32)
+      return rng.uniform(-0.5, 0.5, shape).astype(leaf.dtype)
     return np.asarray(leaf)
 
   return jax.tree_util.tree_map_with_path(fill, variables)

@@ -59,19 +59,22 @@ class TwinBatchNorm(nn.Module):
       (the reference trains a separate pair per branch, the default here).
     momentum: PyTorch convention: ``running = (1 - momentum) * running + momentum * batch``.
     epsilon: added to the variance.
-    dtype: dtype of the output; statistics are always computed in float32.
+    dtype: dtype of the output; statistics are computed in ``param_dtype`` (float32
+      unless a test asks for float64).
+    param_dtype: dtype of the affine parameters and the statistics.
   """
   twin: bool = True
   share_affine: bool = False
   momentum: float = 0.1
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, mode: str) -> jax.Array:
     _check_mode(mode, self.twin)
     c = x.shape[-1]
-    f32 = jnp.float32
+    f32 = self.param_dtype
     zeros = lambda: jnp.zeros((c,), f32)
     ones = lambda: jnp.ones((c,), f32)
     running_mean = self.variable('batch_stats', 'mean', zeros)
@@ -123,27 +126,29 @@ class TorchDense(nn.Module):
   """A Dense layer initialised like PyTorch's ``nn.Linear`` (kernel and bias)."""
   features: int
   dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     fan_in = x.shape[-1]
-    kernel = self.param('kernel', torch_linear_init, (fan_in, self.features), jnp.float32)
+    kernel = self.param('kernel', torch_linear_init, (fan_in, self.features), self.param_dtype)
     bias = self.param('bias', functools.partial(torch_linear_init, fan_in=fan_in),
-                      (self.features,), jnp.float32)
+                      (self.features,), self.param_dtype)
     y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
-    return (y + bias.astype(self.dtype)).astype(jnp.float32)
+    return (y + bias.astype(self.dtype)).astype(self.param_dtype)
 
 
 # torchvision's init for convolutions: kaiming normal, fan_out, relu gain.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def torch_conv(features, kernel, stride=1, dtype=jnp.float32, name=None):
+def torch_conv(features, kernel, stride=1, dtype=jnp.float32, name=None,
+               param_dtype=jnp.float32):
   """A bias-free convolution with PyTorch's symmetric ``kernel // 2`` padding."""
   p = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((p, p), (p, p)), use_bias=False, kernel_init=conv_init,
-                 dtype=dtype, param_dtype=jnp.float32, name=name)
+                 dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -152,16 +157,17 @@ class BasicBlock(nn.Module):
   downsample: bool = False
   norm: Callable[..., nn.Module] = TwinBatchNorm
   dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
   expansion = 1
 
   @nn.compact
   def __call__(self, x, mode):
-    out = torch_conv(self.planes, 3, self.stride, self.dtype, name='conv1')(x)
+    out = torch_conv(self.planes, 3, self.stride, self.dtype, name='conv1', param_dtype=self.param_dtype)(x)
     out = nn.relu(self.norm(name='bn1')(out, mode))
-    out = torch_conv(self.planes, 3, 1, self.dtype, name='conv2')(out)
+    out = torch_conv(self.planes, 3, 1, self.dtype, name='conv2', param_dtype=self.param_dtype)(out)
     out = self.norm(name='bn2')(out, mode)
     if self.downsample:
-      x = torch_conv(self.planes, 1, self.stride, self.dtype, name='downsample_0')(x)
+      x = torch_conv(self.planes, 1, self.stride, self.dtype, name='downsample_0', param_dtype=self.param_dtype)(x)
       x = self.norm(name='downsample_1')(x, mode)
     return nn.relu(out + x)
 
@@ -174,19 +180,20 @@ class Bottleneck(nn.Module):
   width_per_group: int = 64
   norm: Callable[..., nn.Module] = TwinBatchNorm
   dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
   expansion = 4
 
   @nn.compact
   def __call__(self, x, mode):
     width = int(self.planes * (self.width_per_group / 64.0))
-    out = torch_conv(width, 1, 1, self.dtype, name='conv1')(x)
+    out = torch_conv(width, 1, 1, self.dtype, name='conv1', param_dtype=self.param_dtype)(x)
     out = nn.relu(self.norm(name='bn1')(out, mode))
-    out = torch_conv(width, 3, self.stride, self.dtype, name='conv2')(out)
+    out = torch_conv(width, 3, self.stride, self.dtype, name='conv2', param_dtype=self.param_dtype)(out)
     out = nn.relu(self.norm(name='bn2')(out, mode))
-    out = torch_conv(self.planes * 4, 1, 1, self.dtype, name='conv3')(out)
+    out = torch_conv(self.planes * 4, 1, 1, self.dtype, name='conv3', param_dtype=self.param_dtype)(out)
     out = self.norm(name='bn3')(out, mode)
     if self.downsample:
-      x = torch_conv(self.planes * 4, 1, self.stride, self.dtype, name='downsample_0')(x)
+      x = torch_conv(self.planes * 4, 1, self.stride, self.dtype, name='downsample_0', param_dtype=self.param_dtype)(x)
       x = self.norm(name='downsample_1')(x, mode)
     return nn.relu(out + x)
 
@@ -223,6 +230,7 @@ class ResNet(nn.Module):
   twin: bool = True
   share_affine: bool = False
   dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
   mean: Sequence[float] = IMAGENET_MEAN
   std: Sequence[float] = IMAGENET_STD
 
@@ -232,13 +240,13 @@ class ResNet(nn.Module):
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f'Expected NHWC images with 3 channels, got shape {x.shape}.')
     norm = functools.partial(TwinBatchNorm, twin=self.twin, share_affine=self.share_affine,
-                             dtype=self.dtype)
+                             dtype=self.dtype, param_dtype=self.param_dtype)
     if self.resize is not None:
       x = nearest_resize(x, self.resize)
     x = (x - jnp.asarray(self.mean, x.dtype)) / jnp.asarray(self.std, x.dtype)
     x = x.astype(self.dtype)
 
-    x = torch_conv(self.width, 7, 2, self.dtype, name='conv1')(x)
+    x = torch_conv(self.width, 7, 2, self.dtype, name='conv1', param_dtype=self.param_dtype)(x)
     x = nn.relu(norm(name='bn1')(x, mode))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
@@ -256,10 +264,12 @@ class ResNet(nn.Module):
         stride = 2 if (i > 0 and j == 0) else 1
         downsample = j == 0 and (stride != 1 or in_planes != planes * expansion)
         x = block_cls(planes=planes, stride=stride, downsample=downsample, norm=norm,
-                      dtype=self.dtype, name=f'layer{i + 1}_{j}')(x, mode)
+                      dtype=self.dtype, param_dtype=self.param_dtype,
+                      name=f'layer{i + 1}_{j}')(x, mode)
         in_planes = planes * expansion
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    return TorchDense(self.num_classes, dtype=self.dtype, name='fc')(x)
+    x = jnp.mean(x.astype(self.param_dtype), axis=(1, 2))
+    return TorchDense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name='fc')(x)
 
 
 ARCHS = {
@@ -275,14 +285,14 @@ ARCHS = {
 
 def create_model(arch: str, num_classes: int, *, resize: Optional[int] = None,
                  twin: bool = True, share_affine: bool = False,
-                 dtype: Any = jnp.float32) -> ResNet:
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> ResNet:
   """Builds one of :data:`ARCHS`."""
   if arch not in ARCHS:
     raise ValueError(f'Unknown architecture {arch!r}; choose one of {sorted(ARCHS)}.')
   if num_classes < 1:
     raise ValueError(f'num_classes must be positive, got {num_classes}.')
   return ResNet(num_classes=num_classes, resize=resize, twin=twin,
-                share_affine=share_affine, dtype=dtype, **ARCHS[arch])
+                share_affine=share_affine, dtype=dtype, param_dtype=param_dtype, **ARCHS[arch])
 
 
 def init_variables(model: ResNet, seed: int | jax.Array = 0, image_size: int = 32) -> dict:
@@ -293,27 +303,33 @@ def init_variables(model: ResNet, seed: int | jax.Array = 0, image_size: int = 3
   ~6 s for the tiny test ResNet). Pass a key to choose the generator yourself.
   """
   key = jax.random.key(seed, impl='rbg') if isinstance(seed, int) else seed
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  x = jnp.zeros((1, image_size, image_size, 3), model.param_dtype)
   return jax.jit(functools.partial(model.init, mode=TRAIN))(key, x)
 
 
-def freeze_current_statistics(variables: dict) -> dict:
-  """Returns variables whose Frozen Net uses the current Adaptive statistics and affine.
+def convert_variables(variables: dict, *, twin: bool, share_affine: bool = False) -> dict:
+  """Re-lays out pre-trained variables for a twin or a plain model.
 
-  This is what porting does with a pre-trained checkpoint: both branches start
-  from the one pre-trained BatchNorm. Useful after pre-training a model here.
+  For a twin model, both branches start from the source's (Adaptive, or only) BN:
+  ``frozen_stats`` is a copy of ``batch_stats`` and the Frozen affine pair a copy of
+  the Adaptive one, which is what porting a PyTorch checkpoint does. For a plain
+  model the Adaptive branch is kept. Use it to fine-tune a model pre-trained here.
   """
-  variables = dict(variables)
-  variables['frozen_stats'] = jax.tree.map(jnp.array, variables['batch_stats'])
-
-  def copy_affine(tree):
+  def relayout(tree):
     if not isinstance(tree, dict):
       return tree
-    tree = {k: copy_affine(v) for k, v in tree.items()}
-    if 'adaptive_scale' in tree:
-      tree['frozen_scale'] = tree['adaptive_scale']
-      tree['frozen_bias'] = tree['adaptive_bias']
+    tree = {k: relayout(v) for k, v in tree.items()}
+    if 'scale' in tree or 'adaptive_scale' in tree:
+      scale = tree.get('adaptive_scale', tree.get('scale'))
+      bias = tree.get('adaptive_bias', tree.get('bias'))
+      if twin and not share_affine:
+        return dict(adaptive_scale=scale, adaptive_bias=bias,
+                    frozen_scale=jnp.array(scale), frozen_bias=jnp.array(bias))
+      return dict(scale=scale, bias=bias)
     return tree
 
-  variables['params'] = copy_affine(jax.tree.map(lambda a: a, variables['params']))
-  return variables
+  out = {'params': relayout(dict(variables['params'])),
+         'batch_stats': variables['batch_stats']}
+  if twin:
+    out['frozen_stats'] = jax.tree.map(jnp.array, variables['batch_stats'])
+  return out
