@@ -135,9 +135,12 @@ def save_model_dir(path, variables: Mapping, model_kwargs: Mapping[str, Any],
     if not overwrite:
       raise FileExistsError(f'{path} exists and is not empty; pass overwrite=True '
                             '(--overwrite) to replace the model in it.')
-    (path / MODEL_JSON).unlink(missing_ok=True)
-    shutil.rmtree(path / VARIABLES_DIR, ignore_errors=True)
-  path.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+      (path / MODEL_JSON).unlink(missing_ok=True)
+      shutil.rmtree(path / VARIABLES_DIR, ignore_errors=True)
+  if jax.process_index() == 0:
+    path.mkdir(parents=True, exist_ok=True)
+  _barrier('twins_jax.save_model_dir.prepare')
 
   arrays = jax.tree.map(lambda a: jnp.asarray(a), dict(variables))
   checkpointer = ocp.StandardCheckpointer()
@@ -146,10 +149,19 @@ def save_model_dir(path, variables: Mapping, model_kwargs: Mapping[str, Any],
     checkpointer.wait_until_finished()
   finally:
     checkpointer.close()
-  tmp = path / (MODEL_JSON + '.tmp')
-  tmp.write_text(text + '\n')
-  os.replace(tmp, path / MODEL_JSON)
+  if jax.process_index() == 0:  # every process wrote its share of the arrays above
+    tmp = path / (MODEL_JSON + '.tmp')
+    tmp.write_text(text + '\n')
+    os.replace(tmp, path / MODEL_JSON)
+  _barrier('twins_jax.save_model_dir.done')
   return path
+
+
+def _barrier(name: str) -> None:
+  """Waits for every process (a no-op in a single-process run)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def read_model_json(path) -> dict:

@@ -1,0 +1,65 @@
+"""Defaults shared by every preset: the reference TWINS-AT settings on CIFAR-10.
+
+Every preset imports this and overrides a few fields, so no field is defined twice.
+Override anything on the command line, typed: ``--config.num_epochs=10``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.mode = 'train'  # 'train', or 'eval' (evaluate config.pretrained / the workdir's best model)
+  c.method = 'twins_at'  # twins_at | twins_trades | at | trades
+
+  # Model: the ImageNet Linf eps 4/255 robust ResNet-50 (twins-reference.md section 3).
+  c.arch = 'resnet50'
+  c.pretrained = ''  # PyTorch checkpoint (ported on the fly) or a model directory
+  c.resize = 224  # nearest upsampling inside the model (0: none)
+  c.share_affine = False  # reference: one BN affine pair per branch
+  c.dtype = 'float32'  # computation dtype ('bfloat16' is an option; BN statistics stay fp32)
+
+  # Data.
+  c.dataset = 'cifar10'
+  c.data_dir = ''  # TFDS data_dir ('' for TFDS's default)
+  c.folder_train = ''
+  c.folder_test = ''
+  c.digits_classes = ()  # for the 'digits' dataset: the classes to keep (empty: all)
+  c.val_fraction = 0.05  # held out of the training split; chooses the best checkpoint
+  c.augment = ''  # '' picks the dataset's reference augmentation (cifar / imagenet / none)
+  c.image_size = 0  # 0 picks the dataset's default (32 for CIFAR, 224 otherwise)
+
+  # Optimisation (section 2 and 3): SGD, momentum 0.9, coupled weight decay.
+  c.batch_size = 128
+  c.num_epochs = 60
+  c.lr = 0.003
+  c.weight_decay = 1e-5
+  c.momentum = 0.9
+  c.lr_milestones = (30, 50)  # epochs; the lr is multiplied by lr_gamma at each
+  c.lr_gamma = 0.1
+  c.lambda_twins = 1.0
+  c.beta = 6.0  # TRADES objectives
+
+  # Training attack: Linf PGD-10, eps 8/255, step 2/255, against the Adaptive Net (eval mode).
+  c.norm = 'Linf'
+  c.eps = 8 / 255
+  c.alpha = 2 / 255
+  c.attack_steps = 10
+  c.random_start = True
+  c.attack_loss = 'ce'  # 'kl': TRADES-style KL-PGD for the TRADES objectives (an option)
+
+  # Evaluation.
+  c.eval_batch_size = 256
+  c.eval_every_epochs = 1
+  c.eval_attack_steps = 10
+  c.eval_random_start = True
+  c.autoattack = 'none'  # 'none' | 'fast' | 'standard' (final report and mode=eval)
+  c.autoattack_max_examples = 0  # 0: the whole test set
+
+  # Run.
+  c.seed = 0
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 0  # 0: at the end of every epoch
+  c.keep_checkpoints = 3
+  c.async_checkpoints = True
+  return c

@@ -1,0 +1,51 @@
+"""Fine-tune a robust classifier with TWINS (or evaluate one).
+
+  python main.py --config=configs/cifar10.py --workdir=runs/cifar10 [--config.key=value ...]
+
+Re-running the same command resumes from the workdir's latest checkpoint. On several
+hosts, start the same command on each with --coordinator_address, --num_processes and
+--process_id (or --distributed where JAX detects the cluster itself, e.g. TPU pods).
+"""
+
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'A configs/*.py preset.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and results go.')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (auto-detected '
+                  'cluster, e.g. TPU pods, SLURM).')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
+flags.DEFINE_integer('process_id', None, 'This process (multi-host).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import jax
+  if FLAGS.coordinator_address or FLAGS.distributed:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and JAX are chatty at INFO
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter('%(asctime)s twins_jax: %(message)s', '%H:%M:%S'))
+  logger = logging.getLogger('twins_jax')
+  logger.setLevel(logging.INFO)
+  logger.addHandler(handler)
+  logger.propagate = False
+  config = FLAGS.config
+  if config.get('mode') == 'demo':
+    from twins_jax import demo
+    demo.run_demo(config, FLAGS.workdir)
+  else:
+    from twins_jax import train
+    train.train_and_evaluate(config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

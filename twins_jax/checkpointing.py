@@ -1,0 +1,79 @@
+"""Orbax checkpoints of a training run: periodic, asynchronous, last-N plus the best.
+
+``workdir/checkpoints/<step>/`` holds the :class:`~twins_jax.step.TrainState` and a
+JSON record of the run's progress (the validation history and the best result so
+far). Because every training batch is a pure function of ``(seed, step)``, the step
+number alone is the input pipeline's position: restoring a checkpoint and
+continuing gives exactly the run that was interrupted.
+
+``workdir/best_model/`` is a model directory (:mod:`twins_jax.model_io`) holding the
+variables with the best validation robust accuracy, replaced atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from twins_jax import model_io
+
+
+class RunCheckpoints:
+  """Periodic training-state checkpoints of one workdir (keeps the last ``keep``)."""
+
+  def __init__(self, workdir: str | os.PathLike, keep: int = 3, async_save: bool = True):
+    if keep < 1:
+      raise ValueError(f'keep must be >= 1, got {keep}.')
+    self.directory = Path(workdir).absolute() / 'checkpoints'
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=('state', 'progress'))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, progress: dict) -> None:
+    """Starts an asynchronous save (the previous one is finished first)."""
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)), force=True)
+
+  def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
+    return out['state'], dict(out['progress'])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def save_best_model(workdir, variables: dict, model_kwargs: dict, metadata: dict) -> Path:
+  """Writes ``workdir/best_model`` atomically: to a temporary directory, then renamed.
+
+  Every process calls it (Orbax writes each process's share); process 0 renames.
+  """
+  workdir = Path(workdir).absolute()
+  final, tmp, old = workdir / 'best_model', workdir / 'best_model.tmp', workdir / 'best_model.old'
+  if jax.process_index() == 0:
+    shutil.rmtree(tmp, ignore_errors=True)
+  model_io.save_model_dir(tmp, variables, model_kwargs, metadata)  # ends with a barrier
+  if jax.process_index() == 0:
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+      os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+  model_io._barrier('twins_jax.save_best_model')
+  return final

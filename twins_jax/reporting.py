@@ -1,0 +1,151 @@
+"""Metrics (JSON lines and TensorBoard), progress bars with ETA, the results table, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from tqdm.auto import tqdm
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+class MetricWriter:
+  """One JSON line per logged step in ``workdir/metrics.jsonl``, and a TensorBoard log.
+
+  Lines are flushed as they are written, so nothing logged is lost on a crash.
+  """
+
+  def __init__(self, workdir, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    self.path = Path(workdir) / METRICS_FILE
+    self._file = open(self.path, 'a', buffering=1)
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(str(Path(workdir) / 'tensorboard'))
+    except ImportError:  # TensorBoard logs are optional
+      self._tb = None
+
+  def write(self, step: int, scalars: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {'step': int(step), 'time': time.time(),
+              **{k: float(v) for k, v in scalars.items()}}
+    self._file.write(json.dumps(record) + '\n')
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, float(v), int(step))
+
+  def close(self) -> None:
+    if self.enabled:
+      self._file.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+def read_metrics(workdir) -> list[dict]:
+  path = Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class TrainProgress:
+  """A progress bar over training steps showing images/s and the ETA."""
+
+  def __init__(self, total_steps: int, start_step: int, batch_size: int, enabled: bool = True):
+    self.batch_size = batch_size
+    self._bar = tqdm(total=total_steps, initial=start_step, desc='train', unit='step',
+                     dynamic_ncols=True, disable=not enabled, file=sys.stderr,
+                     mininterval=1.0)
+    self._last = start_step
+
+  def update(self, step: int) -> None:
+    self._bar.update(step - self._last)
+    self._last = step
+
+  def set_postfix(self, **kw) -> None:
+    self._bar.set_postfix({k: f'{v:.4g}' for k, v in kw.items()}, refresh=False)
+
+  def write(self, text: str) -> None:
+    self._bar.write(text, file=sys.stderr)
+
+  def close(self) -> None:
+    self._bar.close()
+
+
+def progress(iterable: Iterable, total: Optional[int] = None, desc: str = '', unit: str = 'it',
+             enabled: bool = True):
+  return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False,
+              disable=not enabled, file=sys.stderr, mininterval=1.0)
+
+
+def _pct(v) -> str:
+  return '-' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{100 * v:.2f}'
+
+
+def results_table(results: dict, config) -> str:
+  """A Markdown table: clean / PGD (/ AutoAttack) test accuracy of best and last models."""
+  has_aa = any('autoattack_acc' in r for r in results['test'].values())
+  head = f'| model | clean % | PGD-{config.eval_attack_steps} % |'
+  sep = '|---|---|---|'
+  if has_aa:
+    head += f' AutoAttack ({config.autoattack}) % |'
+    sep += '---|'
+  lines = [f'## {results["method"]} on {results["dataset"]} '
+           f'(eps {config.eps:.4g}, {config.norm}; test set, every example once)', '',
+           head, sep]
+  for name, r in results['test'].items():
+    row = f'| {name} | {_pct(r["clean_acc"])} | {_pct(r["pgd_acc"])} |'
+    if has_aa:
+      row += f' {_pct(r.get("autoattack_acc"))} |'
+    lines.append(row)
+  best = results.get('best_validation')
+  n = next(iter(results['test'].values()))['num_examples']
+  lines += ['', f'{n} test examples. "best" is chosen by PGD accuracy on the held-out '
+            f'validation split' + (f' (epoch {best["epoch"]:g}, validation PGD '
+                                   f'{_pct(best["pgd_acc"])} %)' if best else '') +
+            '; "last" is the final model.']
+  return '\n'.join(lines)
+
+
+def plot_curves(workdir) -> list[Path]:
+  """PNG plots of the training curves (loss, accuracy, diagnostics, validation)."""
+  records = read_metrics(workdir)
+  if not records:
+    return []
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  groups = {
+      'loss': lambda k: k.startswith('train/') and k.endswith('loss'),
+      'accuracy': lambda k: k.endswith('_acc') and k.startswith(('train/', 'val/')),
+      'effective_lr': lambda k: k.endswith('grad_weight_ratio'),
+      'learning_rate': lambda k: k == 'train/learning_rate',
+  }
+  written = []
+  for name, select in groups.items():
+    keys = sorted({k for r in records for k in r if select(k)})
+    if not keys:
+      continue
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k in keys:
+      pts = [(r['step'], r[k]) for r in records if k in r]
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker='.' if
+              k.startswith('val/') else None)
+    ax.set_xlabel('step')
+    ax.set_title(name.replace('_', ' '))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(workdir) / f'curves_{name}.png'
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    written.append(path)
+  return written
