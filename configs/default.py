@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_random_start = True
   c.autoattack = 'none'  # 'none' | 'fast' | 'standard' (final report and mode=eval)
   c.autoattack_max_examples = 0  # 0: the whole test set
+  c.sanity_examples = 1000  # test examples for the eps-curve sanity check (0: all)
 
   # Run.
   c.seed = 0
@@ -62,4 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 0  # 0: at the end of every epoch
   c.keep_checkpoints = 3
   c.async_checkpoints = True
+  # Persistent XLA compilation cache, so a resumed or repeated run skips compiling:
+  # '' = <workdir>/jax_cache, 'none' = off, or a directory shared by several runs.
+  c.compilation_cache_dir = ''
   return c

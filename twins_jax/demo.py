@@ -14,7 +14,6 @@ import json
 import time
 from pathlib import Path
 
-import jax
 import ml_collections
 
 from twins_jax import train
@@ -33,10 +32,11 @@ def run_demo(config: ml_collections.ConfigDict, workdir) -> dict:
   start = time.perf_counter()
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  # Identical programs (e.g. the AT step of pre-training and of the AT baseline) are
-  # compiled once and reused from this cache, also when the demo is run again.
-  jax.config.update('jax_compilation_cache_dir', str(workdir / 'jax_cache'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  # One compilation cache for all stages: identical programs (e.g. the evaluation of
+  # the two plain networks) compile once, and a repeated demo skips compiling.
+  if not config.compilation_cache_dir:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.compilation_cache_dir = str(workdir / 'jax_cache')
 
   print(f'[1/3] Adversarial pre-training (AT) on digits {tuple(config.source_classes)}')
   source = train.train_and_evaluate(

@@ -120,6 +120,15 @@ def data_config(config) -> dict:
   return out
 
 
+def enable_compilation_cache(config, workdir: Path) -> None:
+  cache = config.compilation_cache_dir
+  if cache == 'none':
+    return
+  cache = Path(cache).expanduser() if cache else workdir / 'jax_cache'
+  jax.config.update('jax_compilation_cache_dir', str(cache))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
 def _write_config(config, workdir: Path) -> None:
   if jax.process_index() == 0:
     (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -175,6 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   _write_config(config, workdir)
+  enable_compilation_cache(config, workdir)
   if config.mode == 'eval':
     from twins_jax import evaluate
     return evaluate.evaluate_config(config, workdir)

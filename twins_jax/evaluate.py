@@ -1,0 +1,192 @@
+"""Evaluation of a trained or ported model: clean, PGD-k and AutoAttack accuracy.
+
+  python main.py --config=configs/cifar10.py --workdir=runs/eval --config.mode=eval \
+      --config.pretrained=runs/cifar10/best_model --config.autoattack=standard
+
+``config.pretrained`` may be a model directory, a training workdir (its
+``best_model`` is used) or a PyTorch checkpoint (ported on the fly). Every report
+carries RobustBench-style sanity flags against gradient masking: PGD with eps = 0
+gives the clean accuracy; AutoAttack <= PGD <= clean; accuracy does not rise with eps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from twins_jax import autoattack as aa
+from twins_jax import data, models, parallel, reporting
+
+log = logging.getLogger('twins_jax')
+
+
+def _host_examples(datasets, config, limit: int) -> tuple[np.ndarray, np.ndarray]:
+  """This process's contiguous share of the (first ``limit``) test examples."""
+  n = len(datasets.test) if not limit else min(limit, len(datasets.test))
+  per = -(-n // jax.process_count())
+  lo, hi = jax.process_index() * per, min(n, (jax.process_index() + 1) * per)
+  images, labels = [], []
+  for i in range(lo, hi):
+    image, label = datasets.test[i]
+    images.append(data.transform(image, train=False, augment=datasets.augment,
+                                 image_size=datasets.image_size,
+                                 resize_size=datasets.resize_size, rng=None))
+    labels.append(label)
+  shape = (0, datasets.image_size, datasets.image_size, 3)
+  return (np.stack(images).astype(np.float32) if images else np.zeros(shape, np.float32),
+          np.asarray(labels, np.int32))
+
+
+def _allgather_sum(values: np.ndarray) -> np.ndarray:
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(values)).sum(0)
+
+
+def autoattack_accuracy(model, variables, datasets, config, mesh=None,
+                        chunk: int = 1000) -> dict:
+  """AutoAttack (``config.autoattack``: 'fast' or 'standard') on the test set.
+
+  Returns the robust accuracy after each attack and overall. Examples are attacked
+  in chunks of ``chunk`` so memory stays bounded; each process takes its own share.
+  """
+  variables = jax.device_get(variables)
+  logits_fn = jax.tree_util.Partial(
+      lambda v, x: model.apply(v, x, mode=models.EVAL), variables)
+  x, y = _host_examples(datasets, config, config.autoattack_max_examples)
+  key = jax.random.fold_in(jax.random.key(config.seed), 3 + jax.process_index())
+  counts, names = None, None
+  bar = reporting.progress(range(0, len(x), chunk), total=-(-len(x) // chunk),
+                           desc=f'AutoAttack ({config.autoattack})', unit='chunk')
+  for start in bar:
+    xs, ys = x[start:start + chunk], y[start:start + chunk]
+    _, robust, accs = aa.autoattack(logits_fn, xs, ys, jax.random.fold_in(key, start),
+                                    norm=config.norm, eps=config.eps, version=config.autoattack,
+                                    batch_size=min(len(xs), config.eval_batch_size),
+                                    progress=lambda s: log.debug('%s', s))
+    names = list(accs)
+    c = np.asarray([accs[k] * len(xs) for k in names] + [float(np.sum(robust)), len(xs)])
+    counts = c if counts is None else counts + c
+  if counts is None:  # this process had no examples
+    names = ['clean'] + list(aa.suite.VERSIONS[config.autoattack])
+    counts = np.zeros(len(names) + 2)
+  counts = _allgather_sum(counts)
+  n = max(counts[-1], 1.0)
+  return {'autoattack_acc': float(counts[-2] / n),
+          'autoattack_after': {k: float(counts[i] / n) for i, k in enumerate(names)},
+          'autoattack_examples': int(counts[-1]), 'autoattack_version': config.autoattack}
+
+
+def sanity_flags(result: dict, eps_curve: dict) -> dict:
+  """RobustBench-style checks against gradient masking (True = passed).
+
+  ``eps_curve`` maps eps to the Evaluator's result on the sanity subset (which holds
+  both the clean and the PGD accuracy of the same examples).
+  """
+  flags = {}
+  if 0.0 in eps_curve:
+    flags['eps0_equals_clean'] = bool(abs(eps_curve[0.0]['pgd_acc'] -
+                                          eps_curve[0.0]['clean_acc']) < 1e-9)
+  flags['pgd_le_clean'] = bool(result['pgd_acc'] <= result['clean_acc'] + 1e-9)
+  if 'autoattack_acc' in result:
+    pgd = result.get('pgd_acc_on_autoattack_examples', result['pgd_acc'])
+    flags['autoattack_le_pgd'] = bool(result['autoattack_acc'] <= pgd + 1e-9)
+  accs = [eps_curve[e]['pgd_acc'] for e in sorted(eps_curve)]
+  flags['non_increasing_in_eps'] = bool(all(b <= a + 1e-9 for a, b in zip(accs, accs[1:])))
+  return flags
+
+
+def evaluate_config(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+  """``config.mode == 'eval'``: evaluates ``config.pretrained`` on the full test set."""
+  from twins_jax import train  # late import: train imports this module lazily too
+
+  if not config.pretrained:
+    raise ValueError("config.mode='eval' needs config.pretrained: a model directory, a "
+                     'training workdir or a PyTorch checkpoint.')
+  src = Path(config.pretrained).expanduser()
+  if (src / 'best_model').is_dir():
+    src = src / 'best_model'
+  mesh = parallel.data_mesh()
+  datasets = data.build_datasets(train.data_config(config))
+  log.info('%s', datasets.describe())
+  kwargs = train.model_kwargs(config, datasets.num_classes)
+  if src.is_dir():
+    from twins_jax import model_io
+    kwargs = model_io.read_model_json(src)['model_kwargs']
+    if kwargs['num_classes'] != datasets.num_classes:
+      raise ValueError(f'{src} has a {kwargs["num_classes"]}-class head but '
+                       f'{datasets.name} has {datasets.num_classes} classes.')
+  cfg = ml_collections.ConfigDict(config.to_dict())
+  cfg.pretrained = str(src)
+  variables, source = train.initial_variables(cfg, kwargs)
+  model = models.create_model(**kwargs)
+  variables = parallel.replicate(variables, mesh)
+  key = jax.random.fold_in(jax.random.key(config.seed), 2)
+  proc, n_proc = jax.process_index(), jax.process_count()
+
+  evaluator = train.Evaluator(model, config, mesh)
+  result = evaluator(variables, datasets.eval_batches('test', config.eval_batch_size, proc,
+                                                      n_proc), key, desc='test')
+  # Sanity curve: PGD accuracy at 0, eps/2, eps, 2 eps on (a subset of) the test set.
+  n_sanity = min(config.sanity_examples or len(datasets.test), len(datasets.test))
+  subset = data.SubsetSource(datasets.test, np.arange(n_sanity))
+  eps_curve = {}
+  for factor in (0.0, 0.5, 1.0, 2.0):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.eps = config.eps * factor
+    batches = data.eval_batches(subset, config.eval_batch_size, datasets.image_size,
+                                datasets.augment, proc, n_proc, resize_size=datasets.resize_size)
+    eps_curve[c.eps] = train.Evaluator(model, c, mesh)(variables, batches, key,
+                                                       desc=f'sanity eps={c.eps:.4g}')
+  if config.autoattack != 'none':
+    result.update(autoattack_accuracy(model, variables, datasets, config, mesh))
+    if result['autoattack_examples'] < result['num_examples']:
+      # Compare AutoAttack with PGD on the same examples.
+      aa_subset = data.SubsetSource(datasets.test, np.arange(result['autoattack_examples']))
+      result['pgd_acc_on_autoattack_examples'] = evaluator(
+          variables, data.eval_batches(aa_subset, config.eval_batch_size, datasets.image_size,
+                                       datasets.augment, proc, n_proc,
+                                       resize_size=datasets.resize_size), key,
+          desc='PGD on the AutoAttack examples')['pgd_acc']
+  result['sanity'] = sanity_flags(result, eps_curve)
+  result['eps_curve'] = {f'{k:.6g}': v['pgd_acc'] for k, v in eps_curve.items()}
+  result['sanity_examples'] = n_sanity
+  result.update(source=source, model=str(src), dataset=config.dataset, eps=config.eps,
+                norm=config.norm, pgd_steps=config.eval_attack_steps)
+  if proc == 0:
+    (workdir / 'eval_results.json').write_text(json.dumps(result, indent=2))
+    text = eval_report(result, config)
+    (workdir / 'eval_results.md').write_text(text + '\n')
+    print(text)
+  return result
+
+
+def eval_report(result: dict, config) -> str:
+  pct = lambda v: f'{100 * v:.2f}'
+  lines = [f'## Evaluation of {result["model"]} on {result["dataset"]} '
+           f'({result["norm"]}, eps {result["eps"]:.4g})', '',
+           '| metric | accuracy % |', '|---|---|',
+           f'| clean | {pct(result["clean_acc"])} |',
+           f'| PGD-{result["pgd_steps"]} | {pct(result["pgd_acc"])} |']
+  for name, acc in result.get('autoattack_after', {}).items():
+    if name != 'clean':
+      lines.append(f'| AutoAttack ({result["autoattack_version"]}) after {name} | {pct(acc)} |')
+  if 'autoattack_acc' in result:
+    lines.append(f'| **AutoAttack ({result["autoattack_version"]})** | '
+                 f'**{pct(result["autoattack_acc"])}** |')
+  aa_note = ''
+  if 'pgd_acc_on_autoattack_examples' in result:
+    aa_note = (f'; AutoAttack on the first {result["autoattack_examples"]} (PGD on those: '
+               f'{pct(result["pgd_acc_on_autoattack_examples"])} %)')
+  lines += ['', f'{result["num_examples"]} test examples (every one exactly once){aa_note}.', '',
+            'Sanity checks (gradient masking): ' + ', '.join(
+                f'{k}: {"ok" if v else "FAILED"}' for k, v in result['sanity'].items()),
+            f'PGD accuracy by eps (first {result["sanity_examples"]} test examples): ' +
+            ', '.join(f'{k}: {pct(v)}' for k, v in result['eps_curve'].items())]
+  return '\n'.join(lines)
