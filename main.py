@@ -38,6 +38,19 @@ def main(argv):
   logger.setLevel(logging.INFO)
   logger.addHandler(handler)
   logger.propagate = False
+  if (FLAGS.coordinator_address or FLAGS.distributed) and jax.process_count() > 1:
+    logger.info('jax.distributed: process %d of %d, %d local of %d devices.',
+                jax.process_index(), jax.process_count(), jax.local_device_count(),
+                jax.device_count())
+    if jax.default_backend() == 'cpu':
+      # On CPU the persistent compilation cache's keys differ between processes and
+      # only process 0 writes, so on a re-run process 0 would load its programs at
+      # once while the others compile them for minutes, and the first collective
+      # (Gloo, whose rendezvous times out after 30 s) would fail. Compile everywhere.
+      jax.config.update('jax_enable_compilation_cache', False)
+      logger.info('Multi-process CPU run: persistent compilation cache disabled.')
+    if jax.process_index() != 0:  # process 0 logs and writes the results
+      logger.setLevel(logging.WARNING)
   config = FLAGS.config
   if config.get('mode') == 'demo':
     from twins_jax import demo

@@ -88,7 +88,8 @@ def pgd(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
     x: clean images in [0, 1], shape (N, ...).
     y: integer labels, shape (N,).
     key: PRNG key for the random start (unused with ``start='none'``).
-    eps, alpha, steps: radius, step size and number of steps.
+    eps, alpha, steps: radius, step size and number of steps (``eps`` and ``alpha``
+      may be traced scalars, so one compiled program serves every radius).
     norm: 'Linf' (signed steps) or 'L2' (normalised steps).
     loss: 'ce' (cross-entropy on ``y``) or 'kl' (TRADES: KL between the clean and
       the adversarial softmax; ``y`` is then unused).
@@ -105,7 +106,7 @@ def pgd(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
     raise ValueError(f'start must be one of {STARTS}, got {start!r}.')
   if start != 'none' and key is None:
     raise ValueError(f"start={start!r} needs a PRNG key.")
-  if eps < 0 or alpha < 0 or steps < 0:
+  if steps < 0 or any(isinstance(v, (int, float)) and v < 0 for v in (eps, alpha)):
     raise ValueError(f'eps, alpha and steps must be non-negative (got {eps}, {alpha}, {steps}).')
 
   x = jax.lax.stop_gradient(x)

@@ -138,12 +138,10 @@ def evaluate_config(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   subset = data.SubsetSource(datasets.test, np.arange(n_sanity))
   eps_curve = {}
   for factor in (0.0, 0.5, 1.0, 2.0):
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.eps = config.eps * factor
+    eps = config.eps * factor
     batches = data.eval_batches(subset, config.eval_batch_size, datasets.image_size,
                                 datasets.augment, proc, n_proc, resize_size=datasets.resize_size)
-    eps_curve[c.eps] = train.Evaluator(model, c, mesh)(variables, batches, key,
-                                                       desc=f'sanity eps={c.eps:.4g}')
+    eps_curve[eps] = evaluator(variables, batches, key, desc=f'sanity eps={eps:.4g}', eps=eps)
   if config.autoattack != 'none':
     result.update(autoattack_accuracy(model, variables, datasets, config, mesh))
     if result['autoattack_examples'] < result['num_examples']:

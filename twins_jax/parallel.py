@@ -55,6 +55,18 @@ def shard_batch(local_batch: dict, mesh: Mesh) -> dict:
                       local_batch)
 
 
+def fetch(tree: Any) -> Any:
+  """``jax.device_get`` that also works on several hosts.
+
+  An array sharded over the devices of several processes cannot be read by one of
+  them; it is all-gathered first (every process must call this, in the same order).
+  """
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def jit_train_step(train_step: Callable, mesh: Mesh, donate: bool = True) -> Callable:
   """``train_step(state, batch, key)`` jitted for the mesh; the state's buffers are donated."""
   repl, data = replicated(mesh), batch_sharding(mesh)
@@ -63,6 +75,7 @@ def jit_train_step(train_step: Callable, mesh: Mesh, donate: bool = True) -> Cal
 
 
 def jit_eval_step(eval_step: Callable, mesh: Mesh) -> Callable:
-  """``eval_step(variables, batch, key)`` jitted for the mesh (per-example outputs sharded)."""
+  """``eval_step(variables, batch, *args)`` jitted for the mesh: the batch is sharded, the
+  other arguments replicated, the per-example outputs sharded."""
   repl, data = replicated(mesh), batch_sharding(mesh)
-  return jax.jit(eval_step, in_shardings=(repl, data, repl), out_shardings=data)
+  return jax.jit(eval_step, in_shardings=(repl, data, repl, repl), out_shardings=data)

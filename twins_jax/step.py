@@ -175,19 +175,20 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config: 
 
 
 def make_eval_step(model: nn.Module, config: StepConfig) -> Callable:
-  """Returns ``eval_step(variables, batch, key) -> dict`` of per-example 0/1 arrays.
+  """Returns ``eval_step(variables, batch, key, eps) -> dict`` of per-example 0/1 arrays.
 
   ``clean`` and ``pgd`` say whether each example is classified correctly before and
-  after PGD against the Adaptive Net in eval mode (the inference net). A ``mask``
-  in the batch (1 for real examples, 0 for padding) is multiplied in.
+  after PGD (radius ``eps``, a traced scalar: one program serves every radius) against
+  the Adaptive Net in eval mode (the inference net). A ``mask`` in the batch (1 for
+  real examples, 0 for padding) is multiplied in.
   """
 
-  def eval_step(variables, batch, key):
+  def eval_step(variables, batch, key, eps):
     x, y = batch['image'], batch['label']
     mask = batch.get('mask', jnp.ones(y.shape, jnp.float32))
     logits_fn = lambda xa: model.apply(variables, xa, mode=EVAL)
     clean = (jnp.argmax(logits_fn(x), -1) == y) * mask
-    x_adv = attacks.pgd(logits_fn, x, y, key, eps=config.eps, alpha=config.alpha,
+    x_adv = attacks.pgd(logits_fn, x, y, key, eps=eps, alpha=config.alpha,
                         steps=config.steps, norm=config.norm, loss='ce',
                         start='uniform' if config.random_start else 'none')
     robust = (jnp.argmax(logits_fn(x_adv), -1) == y) * mask

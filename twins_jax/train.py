@@ -150,14 +150,17 @@ class Evaluator:
     self._step = parallel.jit_eval_step(step_lib.make_eval_step(model, eval_step_config(config)),
                                         mesh)
 
-  def __call__(self, variables, batches, key, desc: str = 'eval') -> dict:
+  def __call__(self, variables, batches, key, desc: str = 'eval',
+               eps: Optional[float] = None) -> dict:
     totals = {'clean': 0.0, 'pgd': 0.0, 'count': 0.0}
+    eps = jnp.float32(self.config.eps if eps is None else eps)
     outs = []
     for i, batch in enumerate(reporting.progress(batches, total=batches.num_batches, desc=desc,
-                                                 unit='batch')):
+                                                 unit='batch',
+                                                 enabled=jax.process_index() == 0)):
       outs.append(self._step(variables, parallel.shard_batch(batch, self.mesh),
-                             jax.random.fold_in(key, i)))
-    for out in jax.device_get(outs):  # one host sync per evaluation
+                             jax.random.fold_in(key, i), eps))
+    for out in parallel.fetch(outs):  # one host sync per evaluation
       totals['clean'] += float(np.sum(out['clean']))
       totals['pgd'] += float(np.sum(out['pgd']))
       totals['count'] += float(np.sum(out['mask']))
