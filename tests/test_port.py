@@ -543,3 +543,20 @@ def test_model_dir_roundtrip_and_errors(tmp_path):
   (d / 'model.json').write_text(json.dumps(doc))
   with pytest.raises(model_io.ModelDirError, match='params/fc/bias'):
     model_io.load_model_dir(d)
+
+
+def test_predict_resolves_a_training_workdir(tmp_path):
+  """A training workdir's best_model is what predict reads for a trained checkpoint."""
+  kwargs = dict(arch='tiny_resnet', num_classes=3, resize=None, twin=True, share_affine=False)
+  model = models.create_model(**kwargs)
+  variables = jax.device_get(models.init_variables(model, 0))
+  model_io.save_model_dir(tmp_path / 'run' / 'best_model', variables, kwargs)
+  resolved = predict_lib.resolve_model_dir(tmp_path / 'run')
+  assert resolved == tmp_path / 'run' / 'best_model'
+  _, loaded, _ = model_io.load_model_dir(resolved)
+  images = np.random.default_rng(0).uniform(0, 1, (3, 16, 16, 3)).astype(np.float32)
+  expected = np.asarray(model.apply(variables, images, mode=models.EVAL))
+  np.testing.assert_allclose(predict_lib.predict(model, loaded, images, batch_size=2), expected,
+                             atol=1e-6)
+  with pytest.raises(model_io.ModelDirError, match='neither a model directory'):
+    predict_lib.resolve_model_dir(tmp_path)

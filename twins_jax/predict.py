@@ -30,19 +30,20 @@ from twins_jax import models
 
 
 def resolve_model_dir(path) -> Path:
-  """The model directory that ``path`` names (today: ``path`` itself, checked).
-
-  The one place that decides what a MODEL_DIR argument may be; e.g. a training workdir
-  holding its exported model can be resolved here.
-  """
+  """The model directory that ``path`` names: a model directory (ported, or exported
+  by training), or a training workdir, whose ``best_model`` (best validation robust
+  accuracy) is used."""
   path = Path(path)
   if not path.exists():
     raise model_io.ModelDirError(f'model directory {path} does not exist.')
   if (path / model_io.MODEL_JSON).is_file():
     return path
+  if (path / 'best_model' / model_io.MODEL_JSON).is_file():
+    return path / 'best_model'
   raise model_io.ModelDirError(
-      f'{path} is not a model directory (no {model_io.MODEL_JSON}); make one with '
-      '`python -m twins_jax.port` or twins_jax.model_io.save_model_dir.')
+      f'{path} is neither a model directory (no {model_io.MODEL_JSON}) nor a training '
+      'workdir with a best_model/; make one with `python -m twins_jax.port`, '
+      'twins_jax.model_io.save_model_dir or main.py.')
 
 
 def validate_images(images, name: str = 'images') -> np.ndarray:
