@@ -12,6 +12,7 @@ variables with the best validation robust accuracy, replaced atomically.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -39,9 +40,14 @@ class RunCheckpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, progress: dict) -> None:
-    """Starts an asynchronous save (the previous one is finished first)."""
+    """Starts an asynchronous save (the previous one is finished first).
+
+    ``progress`` is copied: Orbax may serialise it in the background, after the caller has
+    moved on and appended to it.
+    """
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)), force=True)
+        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(copy.deepcopy(progress))),
+        force=True)
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
     step = self.latest_step() if step is None else step
@@ -67,7 +73,8 @@ def save_best_model(workdir, variables: dict, model_kwargs: dict, metadata: dict
   workdir = Path(workdir).absolute()
   final, tmp, old = workdir / 'best_model', workdir / 'best_model.tmp', workdir / 'best_model.old'
   if jax.process_index() == 0:
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # left over by an interrupted save
+  model_io._barrier('twins_jax.save_best_model.clean')  # before the others look at tmp
   model_io.save_model_dir(tmp, variables, model_kwargs, metadata)  # ends with a barrier
   if jax.process_index() == 0:
     shutil.rmtree(old, ignore_errors=True)

@@ -40,7 +40,16 @@ def check_batch_size(global_batch: int, mesh: Mesh) -> None:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places a pytree (e.g. the training state) on every device of the mesh."""
+  """Places a pytree (e.g. the training state) on every device of the mesh.
+
+  On several hosts every process holds the same values; a process-local array (say,
+  restored onto one device) cannot be moved onto other hosts' devices, so each
+  process places its own host copy on its own devices.
+  """
+  if jax.process_count() > 1:
+    tree = jax.tree.map(
+        lambda a: np.asarray(a) if isinstance(a, jax.Array) and a.is_fully_addressable else a,
+        tree)
   return jax.device_put(tree, replicated(mesh))
 
 
