@@ -1,0 +1,187 @@
+"""Fast tests of twins_jax.autoattack on a tiny MLP trained for a few seconds on digits.
+
+Settings are cut down (few iterations / target classes / queries) and shared between
+the single-attack tests and the suite test, so every compiled program is reused.
+"""
+
+import importlib.util
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from twins_jax import autoattack as aa
+
+_BENCH = os.path.join(os.path.dirname(__file__), '..', 'bench', 'autoattack_parity.py')
+_spec = importlib.util.spec_from_file_location('autoattack_parity', _BENCH)
+bench = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault('autoattack_parity', bench)
+_spec.loader.exec_module(bench)
+
+N = 48
+N_ITER = 10
+N_TC = 3
+FAB_ITER = 10
+N_QUERIES = 60
+EPSS = {'Linf': (0., .05, .3), 'L2': (0., .4, 2.5)}
+N_FLIPPED = 4  # labels made wrong on purpose: clean-misclassified points
+
+
+@pytest.fixture(scope='module')
+def setup():
+  (xtr, ytr), (xte, yte) = bench.load_digits_split(n_test=200)
+  model, params = bench.train(xtr, ytr, eps=0., epochs=8, hidden=64)  # plain training: seconds
+  fn = bench.logits_fn_for(model, params)
+  x = jnp.asarray(xte[:N])
+  y = np.asarray(yte[:N]).copy()
+  y[:N_FLIPPED] = (y[:N_FLIPPED] + 1) % 10
+  return fn, x, jnp.asarray(y)
+
+
+def _run(name, fn, x, y, key, norm, eps, **kw):
+  common = dict(norm=norm, eps=eps, **kw)
+  if name == 'apgd-ce':
+    return aa.apgd_with_robust(fn, x, y, key, loss='ce', n_iter=N_ITER, **common)
+  if name == 'apgd-t':
+    return aa.apgd_with_robust(fn, x, y, key, loss='dlr-targeted', n_iter=N_ITER,
+                               n_target_classes=N_TC, **common)
+  if name == 'fab-t':
+    return aa.fab_t_with_robust(fn, x, y, key, n_iter=FAB_ITER, n_target_classes=N_TC, **common)
+  return aa.square_with_robust(fn, x, y, key, n_queries=N_QUERIES, **common)
+
+
+def _norm(v, norm):
+  v = np.asarray(v).reshape(v.shape[0], -1)
+  return np.abs(v).max(1) if norm == 'Linf' else np.sqrt((v ** 2).sum(1))
+
+
+def _pred(fn, x):
+  return np.asarray(jnp.argmax(fn(x), -1))
+
+
+@pytest.mark.parametrize('norm', ['Linf', 'L2'])
+@pytest.mark.parametrize('name', ['apgd-ce', 'apgd-t', 'fab-t', 'square'])
+def test_attack_contract(setup, name, norm):
+  fn, x, y = setup
+  y_np = np.asarray(y)
+  clean_ok = _pred(fn, x) == y_np
+  assert not clean_ok[:N_FLIPPED].any()
+  accs = []
+  for eps in EPSS[norm]:
+    x_adv, robust = _run(name, fn, x, y, jax.random.PRNGKey(1), norm, eps)
+    x_adv, robust = np.asarray(x_adv), np.asarray(robust)
+    assert x_adv.shape == x.shape and x_adv.dtype == np.float32
+    assert np.all(_norm(x_adv - np.asarray(x), norm) <= eps + 1e-5)
+    assert x_adv.min() >= 0. and x_adv.max() <= 1.
+    pred = _pred(fn, x_adv)
+    # Robust-counted points are classified correctly at the returned input, broken
+    # ones are not; clean-misclassified points are never robust.
+    np.testing.assert_array_equal(robust, pred == y_np)
+    assert not np.any(robust & ~clean_ok)
+    # Where the attack failed, the clean input comes back.
+    np.testing.assert_array_equal(x_adv[robust], np.asarray(x)[robust])
+    accs.append(robust.mean())
+  assert accs[0] == clean_ok.mean()  # eps = 0 gives the clean accuracy
+  assert all(a >= b for a, b in zip(accs, accs[1:])), accs
+  assert accs[-1] < accs[0], accs  # the large eps must break something
+
+
+@pytest.mark.parametrize('name', ['apgd-ce', 'square'])
+def test_public_wrappers_and_active_mask(setup, name):
+  fn, x, y = setup
+  key = jax.random.PRNGKey(3)
+  active = np.arange(N) % 2 == 0
+  x_adv, robust = _run(name, fn, x, y, key, 'Linf', .3, active=jnp.asarray(active))
+  x_adv, robust = np.asarray(x_adv), np.asarray(robust)
+  np.testing.assert_array_equal(x_adv[~active], np.asarray(x)[~active])
+  assert not robust[~active].any()
+  if name == 'apgd-ce':
+    plain = aa.apgd(fn, x, y, key, norm='Linf', eps=.3, n_iter=N_ITER)
+  else:
+    plain = aa.square(fn, x, y, key, norm='Linf', eps=.3, n_queries=N_QUERIES)
+  assert plain.shape == x.shape
+
+
+@pytest.mark.parametrize('name', ['apgd-t', 'fab-t', 'square'])
+def test_per_example_independent_of_batch(setup, name):
+  """Permuting the batch (keys travelling with their examples) permutes the result."""
+  fn, x, y = setup
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(7), i))(jnp.arange(N))
+  perm = np.random.default_rng(0).permutation(N)
+  a, ra = _run(name, fn, x, y, keys, 'L2', .8)
+  b, rb = _run(name, fn, x[perm], y[perm], keys[perm], 'L2', .8)
+  np.testing.assert_array_equal(np.asarray(ra)[perm], np.asarray(rb))
+  np.testing.assert_allclose(np.asarray(a)[perm], np.asarray(b), atol=1e-5)
+
+
+@pytest.mark.parametrize('norm,version', [('Linf', 'standard'), ('L2', 'fast')])
+def test_suite(setup, norm, version):
+  fn, x, y = setup
+  eps = EPSS[norm][1]
+  msgs = []
+  x_adv, robust, accs = aa.autoattack(
+      fn, x, y, jax.random.PRNGKey(0), norm=norm, eps=eps, version=version, batch_size=N,
+      progress=msgs.append, n_iter=N_ITER, n_target_classes=N_TC, fab_n_iter=FAB_ITER,
+      n_queries=N_QUERIES)
+  names = ['apgd-ce', 'apgd-t'] + (['fab-t', 'square'] if version == 'standard' else [])
+  assert list(accs) == ['clean'] + names
+  vals = list(accs.values())
+  assert all(a >= b for a, b in zip(vals, vals[1:])), accs
+  assert msgs
+  x_adv, robust = np.asarray(x_adv), np.asarray(robust)
+  y_np = np.asarray(y)
+  clean_ok = _pred(fn, x) == y_np
+  assert accs['clean'] == clean_ok.mean()
+  assert not np.any(robust & ~clean_ok)
+  np.testing.assert_array_equal(robust, _pred(fn, x_adv) == y_np)
+  assert robust.mean() == vals[-1]
+  assert np.all(_norm(x_adv - np.asarray(x), norm) <= eps + 1e-5)
+  assert x_adv.min() >= 0. and x_adv.max() <= 1.
+
+
+def test_suite_padding_and_batching(setup):
+  """Smaller padded batches (the last one partial) give the same result."""
+  fn, x, y = setup
+  kw = dict(norm='Linf', eps=EPSS['Linf'][1], attacks=['apgd-ce'], n_iter=N_ITER)
+  xa_full, r_full, acc_full = aa.autoattack(fn, x, y, jax.random.PRNGKey(0), batch_size=N, **kw)
+  xa_small, r_small, acc_small = aa.autoattack(fn, x, y, jax.random.PRNGKey(0), batch_size=20,
+                                               **kw)
+  r_full, r_small = np.asarray(r_full), np.asarray(r_small)
+  # Identical on CPU; allow one flip for accelerators whose matmuls depend on the shape.
+  assert np.sum(r_full != r_small) <= 1
+  same = r_full == r_small
+  np.testing.assert_allclose(np.asarray(xa_full)[same], np.asarray(xa_small)[same], atol=1e-4)
+  assert abs(acc_full['apgd-ce'] - acc_small['apgd-ce']) <= 1 / N + 1e-9
+
+
+def test_square_schedule_and_eta():
+  from twins_jax.autoattack import square_attack as sq
+  assert sq.window_sides(.8, 32, 32, 3, 'Linf')[:3] == [29, 20, 14]
+  assert all(s % 2 == 1 and s >= 3 for s in sq.window_sides(.8, 8, 8, 1, 'L2'))
+  stages = [int(sq.p_stage(jnp.int32(i), 5000, False)) for i in (0, 10, 11, 50, 51, 8001)]
+  assert stages == [0, 0, 1, 1, 2, 9]
+  e = sq.eta(5)
+  assert np.isclose((e ** 2).sum(), 1.) and (e[:2] >= 0).all() and (e[2:] <= 0).all()
+
+
+def test_compile_time_does_not_grow_with_iterations():
+  """Prints compile times for two iteration counts (not asserted: machine dependent)."""
+  from twins_jax.autoattack.autopgd import apgd_core
+  from twins_jax.autoattack._common import example_keys
+  w = jax.random.normal(jax.random.PRNGKey(0), (64, 10))
+  fn = jax.tree_util.Partial(lambda w, x: x.reshape(x.shape[0], -1) @ w, w)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (8, 8, 8, 1))
+  y = jnp.arange(8) % 10
+  keys = example_keys(jax.random.PRNGKey(0), 8)
+  act = jnp.ones((8,), bool)
+  times = {}
+  for n_iter in (5, 500):
+    t = time.time()
+    apgd_core.lower(fn, x, y, keys, act, jnp.float32(.1), norm='Linf', loss='dlr-targeted',
+                    n_iter=n_iter, n_restarts=1, n_target_classes=3, rho=.75).compile()
+    times[n_iter] = time.time() - t
+  print(f'\nAPGD-T compile time: n_iter=5: {times[5]:.2f} s, n_iter=500: {times[500]:.2f} s')
