@@ -18,17 +18,32 @@ class MetricWriter:
   """One JSON line per logged step in ``workdir/metrics.jsonl``, and a TensorBoard log.
 
   Lines are flushed as they are written, so nothing logged is lost on a crash.
+  ``resume_step``: the step a (resumed) run starts from; records logged after it by an
+  interrupted run are dropped (they are logged again), so every step appears once.
   """
 
-  def __init__(self, workdir, enabled: bool = True):
+  def __init__(self, workdir, enabled: bool = True, resume_step: Optional[int] = None):
     self.enabled = enabled
     if not enabled:
       return
     self.path = Path(workdir) / METRICS_FILE
+    if resume_step is not None and self.path.exists():
+      kept = []
+      for line in self.path.read_text().splitlines():
+        try:
+          if json.loads(line)['step'] <= resume_step:
+            kept.append(line + '\n')
+        except (ValueError, KeyError, TypeError):  # e.g. a line cut short by a crash
+          pass
+      tmp = self.path.with_suffix('.tmp')
+      tmp.write_text(''.join(kept))
+      tmp.replace(self.path)
     self._file = open(self.path, 'a', buffering=1)
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(Path(workdir) / 'tensorboard'))
+      # purge_step: TensorBoard hides the events an interrupted run logged after it.
+      self._tb = SummaryWriter(str(Path(workdir) / 'tensorboard'), purge_step=(
+          resume_step + 1 if resume_step else None))
     except ImportError:  # TensorBoard logs are optional
       self._tb = None
 

@@ -53,6 +53,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.autoattack not in ('none', 'fast', 'standard'):
     raise ValueError(f"config.autoattack={config.autoattack!r}; choose 'none', 'fast' or "
                      "'standard'.")
+  # Tuple fields take anything on the command line (--config.lr_milestones=abc -> ('abc',)).
+  for name, types, example in (('lr_milestones', (int, float), '"(30,50)"'),
+                               ('digits_classes', (int,), '"(5,6,7)"')):
+    if any(isinstance(v, bool) or not isinstance(v, types) for v in config.get(name, ())):
+      raise ValueError(f'config.{name}={tuple(config[name])!r} must be a tuple of '
+                       f'{" or ".join(t.__name__ for t in types)}s, e.g. '
+                       f'--config.{name}={example}.')
 
 
 def step_config(config) -> step_lib.StepConfig:
@@ -172,9 +179,13 @@ class Evaluator:
 # ----------------------------------------------------------------------------- training
 
 
+@jax.jit
+def _finite(tree) -> jax.Array:
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def _all_finite(tree) -> bool:
-  return bool(jax.jit(lambda t: jnp.all(jnp.asarray(
-      [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(t)])))(tree))
+  return bool(_finite(tree))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
@@ -233,18 +244,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     state = parallel.replicate(step_lib.TrainState.create(variables, tx), mesh)
   start_step = int(jax.device_get(state.step))
 
-  writer = reporting.MetricWriter(workdir, enabled=proc == 0)
+  writer = reporting.MetricWriter(workdir, enabled=proc == 0, resume_step=start_step)
   base_key = jax.random.key(config.seed)
   train_key, eval_key = jax.random.fold_in(base_key, 1), jax.random.fold_in(base_key, 2)
   ckpt_every = config.checkpoint_every_steps or steps_per_epoch
   log_every = max(1, min(config.log_every_steps, steps_per_epoch))
   history = progress_record['history']
 
-  def save(step, state):
-    if not _all_finite(state.params):
-      raise NonFiniteError(f'Parameters are not finite at step {step}; not saving. The last '
-                           f'good checkpoint in {ckpts.directory} is kept.')
-    ckpts.save(step, state, progress_record)
+  def last_good() -> str:
+    latest = ckpts.latest_step()
+    if latest is None:
+      return f'no checkpoint has been written yet in {ckpts.directory}'
+    return f'the last good checkpoint in {ckpts.directory} (step {latest}) is kept'
 
   bar = reporting.TrainProgress(total_steps, start_step, config.batch_size, enabled=proc == 0)
   batches = loader.iterate(start_step, total_steps - start_step)
@@ -261,9 +272,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if not all(math.isfinite(v) for v in metrics.values()):
           bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
           raise NonFiniteError(
-              f'Non-finite training metrics at step {done}: {bad}. Stopping; the last good '
-              f'checkpoint in {ckpts.directory} (step {ckpts.latest_step()}) is kept. Try a '
-              'lower config.lr or check the data.')
+              f'Non-finite training metrics at step {done}: {bad}. Stopping; {last_good()}. '
+              'Try a lower config.lr or check the data.')
         elapsed = time.perf_counter() - t_log
         metrics['images_per_sec'] = n_log * config.batch_size / max(elapsed, 1e-9)
         metrics['epoch'] = done / steps_per_epoch
@@ -271,8 +281,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         bar.set_postfix(loss=metrics['loss'], img_s=metrics['images_per_sec'])
         t_log, n_log = time.perf_counter(), 0
       epoch_end = done % steps_per_epoch == 0
-      if epoch_end and datasets.val is not None and (
-          (done // steps_per_epoch) % config.eval_every_epochs == 0 or done == total_steps):
+      validate = epoch_end and datasets.val is not None and (
+          (done // steps_per_epoch) % config.eval_every_epochs == 0 or done == total_steps)
+      checkpoint = done % ckpt_every == 0 or done == total_steps
+      # Metrics are only read every log_every steps: check the state itself before it can
+      # become the best model or a checkpoint.
+      if (validate or checkpoint) and not _all_finite(state):
+        raise NonFiniteError(f'The training state is not finite at step {done}; stopping '
+                             f'before validating or saving it; {last_good()}. Try a lower '
+                             'config.lr or check the data.')
+      if validate:
         val = evaluator(state.variables, datasets.eval_batches(
             'val', config.eval_batch_size, proc, n_proc), eval_key, desc='validation')
         record = {'step': done, 'epoch': done / steps_per_epoch, **val}
@@ -286,8 +304,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                          'method': config.method})
         bar.write(f'epoch {done / steps_per_epoch:g}: validation clean {val["clean_acc"]:.4f} '
                   f'PGD-{config.eval_attack_steps} {val["pgd_acc"]:.4f}')
-      if done % ckpt_every == 0 or done == total_steps:
-        save(done, state)
+      if checkpoint:
+        ckpts.save(done, state, progress_record)
   finally:
     bar.close()
     batches.close()

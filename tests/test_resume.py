@@ -1,0 +1,123 @@
+"""Kill and resume: a run SIGKILLed at random moments and restarted with the same command
+ends bit-identical to the uninterrupted run (parameters, optimizer and BN state, the
+validation history and best model, the test results and the logged metrics).
+
+Slow: one cold compile plus four ``main.py`` runs of 3 tiny epochs (minutes on 2 cores).
+Set TWINS_RESUME_SEED to replay the kill moments of a failed run (the seed is in the
+assertion messages).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_train import (DIGITS_STEPS_PER_EPOCH, REPO, assert_trees_equal, checkpoint_steps,
+                        compile_cache, main_command, restore_checkpoint, run_main,
+                        subprocess_env, tiny_config)
+from twins_jax import model_io, reporting
+
+# 3 epochs of 75 steps, an lr milestone after the second (the schedule must resume too),
+# a checkpoint every 10 steps (kept: the last 3), asynchronous saves (the default).
+RESUME = dict(num_epochs=3, lr_milestones=(2,), checkpoint_every_steps=10, log_every_steps=5)
+TOTAL = 3 * DIGITS_STEPS_PER_EPOCH
+
+
+def kill_at_random_moment(args, env, rng: random.Random, min_step: int, max_step: int,
+                          workdir: Path, note: str) -> int:
+  """Starts ``args``, waits until a checkpoint of a random step in [min_step, max_step]
+  exists, sleeps a random fraction of a second more, and SIGKILLs it. Returns the step."""
+  target = rng.randint(min_step, max_step)
+  extra = rng.uniform(0.0, 1.5)
+  log = workdir.parent / f'{workdir.name}.{target}.log'
+  with open(log, 'w') as stderr:
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+  try:
+    deadline = time.monotonic() + 900
+    while not any(s >= target for s in checkpoint_steps(workdir)):
+      assert proc.poll() is None, f'{note}: exited early:\n{log.read_text()[-3000:]}'
+      assert time.monotonic() < deadline, f'{note}: no checkpoint >= {target} in time'
+      time.sleep(0.02)
+    time.sleep(extra)
+    assert proc.poll() is None, (f'{note}: finished before the kill (target step {target}, '
+                                 f'+{extra:.2f} s); the kill must interrupt the run')
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert not (workdir / 'results.json').exists(), note
+  return target
+
+
+def metric_series(workdir) -> dict:
+  """step -> the logged values that are a function of the run (not of the clock)."""
+  out = {}
+  for r in reporting.read_metrics(workdir):
+    values = {k: v for k, v in r.items() if k not in ('time', 'train/images_per_sec')}
+    key = (r['step'], 'val' if any(k.startswith('val/') for k in r) else 'train')
+    assert key not in out, f'{key} logged twice'
+    out[key] = values
+  return out
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_equals_uninterrupted_run(compile_cache, tmp_path):
+  seed = int(os.environ.get('TWINS_RESUME_SEED', time.time_ns() % 2**31))
+  rng = random.Random(seed)
+  note = f'TWINS_RESUME_SEED={seed}'
+  env = subprocess_env(compile_cache)
+  config = tiny_config(compile_cache, **RESUME)
+
+  ref = tmp_path / 'uninterrupted'
+  proc = run_main(main_command(ref, compile_cache, **RESUME), env)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  assert checkpoint_steps(ref)[-1] == TOTAL
+
+  run = tmp_path / 'interrupted'
+  args = main_command(run, compile_cache, **RESUME)
+  first = kill_at_random_moment(args, env, rng, 10, 110, run, note + ' (first kill)')
+  second = kill_at_random_moment(args, env, rng, max(first + 10, 120), TOTAL - 40, run,
+                                 note + ' (second kill)')
+  proc = run_main(args, env)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  assert 'Resuming from' in proc.stderr, note
+  note += f' (kills after the checkpoints of steps >= {first}, >= {second})'
+
+  # The final training state, bit for bit.
+  assert checkpoint_steps(run)[-1] == checkpoint_steps(ref)[-1] == TOTAL
+  state_ref, progress_ref = restore_checkpoint(ref, config, 10)
+  state_run, progress_run = restore_checkpoint(run, config, 10)
+  assert int(state_run.step) == TOTAL
+  assert_trees_equal(state_run, state_ref, note)
+  # The validation history and the best result (one record per epoch, no duplicate).
+  assert [r['step'] for r in progress_ref['history']] == [75, 150, 225]
+  assert progress_run == progress_ref, note
+
+  # The best model, and the test results of best and last.
+  _, best_ref, meta_ref = model_io.load_model_dir(ref / 'best_model')
+  _, best_run, meta_run = model_io.load_model_dir(run / 'best_model')
+  assert_trees_equal(best_run, best_ref, note)
+  assert meta_run['metadata']['validation'] == meta_ref['metadata']['validation']
+  results_ref = json.loads((ref / 'results.json').read_text())
+  results_run = json.loads((run / 'results.json').read_text())
+  for key in ('steps', 'test', 'best_validation', 'source'):
+    assert results_run[key] == results_ref[key], (key, note)
+
+  # metrics.jsonl: every step once, with the same values.
+  series_ref, series_run = metric_series(ref), metric_series(run)
+  assert series_run.keys() == series_ref.keys(), note
+  assert series_run == series_ref, note
+  lr = [series_ref[(s, 'train')]['train/learning_rate'] for s in (150, 155)]
+  assert lr == pytest.approx([config.lr, config.lr * config.lr_gamma])  # the milestone
