@@ -34,7 +34,7 @@ N_FLIPPED = 4  # labels made wrong on purpose: clean-misclassified points
 @pytest.fixture(scope='module')
 def setup():
   (xtr, ytr), (xte, yte) = bench.load_digits_split(n_test=200)
-  model, params = bench.train(xtr, ytr, eps=0., epochs=8, hidden=64)  # plain training: seconds
+  model, params = bench.train(xtr, ytr, eps=0., epochs=4, batch=256, lr=5e-3, hidden=64)  # seconds
   fn = bench.logits_fn_for(model, params)
   x = jnp.asarray(xte[:N])
   y = np.asarray(yte[:N]).copy()
