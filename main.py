@@ -8,6 +8,7 @@ hosts, start the same command on each with --coordinator_address, --num_processe
 """
 
 import logging
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -60,5 +61,14 @@ def main(argv):
     train.train_and_evaluate(config, FLAGS.workdir)
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with one clear line for a bad ``--config.*`` override."""
+  try:
+    return FLAGS(argv)
+  except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+    sys.exit(f'main.py: bad flag: {e}. Unknown --config keys and wrongly typed values are '
+             'rejected; configs/default.py lists every key.')
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
