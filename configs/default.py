@@ -18,6 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.resize = 224  # nearest upsampling inside the model (0: none)
   c.share_affine = False  # reference: one BN affine pair per branch
   c.dtype = 'float32'  # computation dtype ('bfloat16' is an option; BN statistics stay fp32)
+  # Speed levers (BENCHMARKS.md). Same function either way, different rounding.
+  c.conv_impl = 'auto'  # 'auto' (matrix products for small CPU convolutions), 'xla', 'matmul'
+  c.fold_bn_attack = False  # attack the Adaptive Net with its eval BN folded into the convs
 
   # Data.
   c.dataset = 'cifar10'

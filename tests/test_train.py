@@ -373,6 +373,8 @@ def test_wrong_type_override_is_rejected(flag, name, tmp_path):
     (dict(num_epochs=0), 'config.num_epochs'),
     (dict(lr=-0.1), 'config.lr'),
     (dict(autoattack='full'), 'config.autoattack'),
+    (dict(conv_impl='cudnn'), 'config.conv_impl'),
+    (dict(dtype='float16'), 'config.dtype'),
     (dict(lr_milestones=('a',)), 'config.lr_milestones'),
     (dict(digits_classes=(1.5,)), 'config.digits_classes'),
 ])

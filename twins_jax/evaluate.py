@@ -125,7 +125,7 @@ def evaluate_config(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.pretrained = str(src)
   variables, source = train.initial_variables(cfg, kwargs)
-  model = models.create_model(**kwargs)
+  model = models.create_model(**kwargs, conv_impl=config.conv_impl)
   variables = parallel.replicate(variables, mesh)
   key = jax.random.fold_in(jax.random.key(config.seed), 2)
   proc, n_proc = jax.process_index(), jax.process_count()

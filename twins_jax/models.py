@@ -25,7 +25,7 @@ inside the model.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -37,7 +37,10 @@ FROZEN = 'frozen'  # Frozen Net: pre-training statistics, never updated.
 TRAIN = 'train'  # Adaptive Net, batch statistics, running statistics updated.
 BATCH = 'batch'  # Adaptive Net, batch statistics, no update.
 EVAL = 'eval'  # Adaptive Net, running statistics (the inference net).
-MODES = (FROZEN, TRAIN, BATCH, EVAL)
+# The EVAL net with every BN folded into the convolution before it (variables from
+# :func:`fold_eval_bn`): each BN only adds its folded bias. Same function as EVAL.
+FOLDED = 'folded'
+MODES = (FROZEN, TRAIN, BATCH, EVAL, FOLDED)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -95,6 +98,8 @@ class TwinBatchNorm(nn.Module):
       scale = self.param('scale', init_s, (c,), f32)
       bias = self.param('bias', init_b, (c,), f32)
 
+    if mode == FOLDED:  # scale and statistics live in the preceding convolution's kernel
+      return (x.astype(f32) + bias).astype(self.dtype)
     x32 = x.astype(f32)
     if mode == FROZEN:
       mean, var = frozen_mean.value, frozen_var.value
@@ -138,17 +143,95 @@ class TorchDense(nn.Module):
     return (y + bias.astype(self.dtype)).astype(self.param_dtype)
 
 
+def _useful_taps(size: int, k: int, stride: int, pad: int, out: int) -> list[int]:
+  """Kernel offsets along one axis that read at least one real (non-padding) input."""
+  return [i for i in range(k)
+          if any(pad <= o * stride + i < pad + size for o in range(out))]
+
+
+def matmul_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+  """``lax.conv`` (NHWC, HWIO, symmetric padding) as one matrix product with patches.
+
+  The patches are strided slices of the padded input concatenated along channels;
+  kernel offsets that only ever read padding are skipped (a 3x3 convolution on a 1x1
+  map is a 1x1 convolution). Same function as the convolution, summed in a different
+  order. XLA:CPU runs small-map convolutions (and their gradients) much slower than
+  the equivalent matrix products, which is what ResNets on 32x32 inputs consist of.
+  """
+  kh, kw, cin, cout = kernel.shape
+  n, h, w, _ = x.shape
+  ho = (h + 2 * pad - kh) // stride + 1
+  wo = (w + 2 * pad - kw) // stride + 1
+  rows = _useful_taps(h, kh, stride, pad, ho)
+  cols = _useful_taps(w, kw, stride, pad, wo)
+  if pad:
+    x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+  patches = [x[:, i:i + span_h:stride, j:j + span_w:stride, :] for i in rows for j in cols]
+  patches = patches[0] if len(patches) == 1 else jnp.concatenate(patches, axis=-1)
+  if len(rows) < kh or len(cols) < kw:
+    kernel = kernel[np.asarray(rows)][:, np.asarray(cols)]
+  # A 2-D product, so that both gradients are 2-D products too (XLA:CPU hands those to
+  # its fast matmul library; dots contracting several axes go to a slower path).
+  y = jnp.dot(patches.reshape(-1, patches.shape[-1]), kernel.reshape(-1, cout))
+  return y.reshape(n, ho, wo, cout)
+
+
 # torchvision's init for convolutions: kaiming normal, fan_out, relu gain.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
+# How convolutions are computed: 'xla' (lax.conv), 'matmul' (matmul_conv) or 'auto':
+# on CPU the matrix product where XLA:CPU's convolution is slow (1x1 kernels, small
+# output maps; see use_matmul_conv and BENCHMARKS.md), lax.conv elsewhere and on
+# every other backend. The same function either way; only the rounding differs.
+CONV_IMPLS = ('auto', 'xla', 'matmul')
+
+
+def use_matmul_conv(kernel: int, out_h: int, out_w: int, out_channels: int) -> bool:
+  """The CPU rule of ``conv_impl='auto'`` (measured with bench/conv_ops.py)."""
+  area = out_h * out_w
+  return kernel == 1 or area <= 16 or (area <= 64 and out_channels >= 256)
+
+
+class TorchConv(nn.Module):
+  """A bias-free square convolution with PyTorch's symmetric ``kernel // 2`` padding.
+
+  Its one parameter is ``kernel`` (HWIO), initialised like torchvision, exactly as
+  ``nn.Conv`` would name, shape and initialise it.
+  """
+  features: int
+  kernel: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x):
+    if self.impl not in CONV_IMPLS:
+      raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {self.impl!r}.')
+    k, s, p = self.kernel, self.stride, self.kernel // 2
+    w = self.param('kernel', conv_init, (k, k, x.shape[-1], self.features), self.param_dtype)
+    x, w = x.astype(self.dtype), w.astype(self.dtype)
+    impl = self.impl
+    if impl == 'auto':
+      impl = 'xla'
+      if jax.default_backend() == 'cpu':
+        out_h = (x.shape[1] + 2 * p - k) // s + 1
+        out_w = (x.shape[2] + 2 * p - k) // s + 1
+        impl = 'matmul' if use_matmul_conv(k, out_h, out_w, self.features) else 'xla'
+    if impl == 'matmul':
+      return matmul_conv(x, w, s, p)
+    return jax.lax.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)),
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
 def torch_conv(features, kernel, stride=1, dtype=jnp.float32, name=None,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, impl='auto'):
   """A bias-free convolution with PyTorch's symmetric ``kernel // 2`` padding."""
-  p = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((p, p), (p, p)), use_bias=False, kernel_init=conv_init,
-                 dtype=dtype, param_dtype=param_dtype, name=name)
+  return TorchConv(features, kernel, stride, dtype=dtype, param_dtype=param_dtype, impl=impl,
+                   name=name)
 
 
 class BasicBlock(nn.Module):
@@ -158,16 +241,19 @@ class BasicBlock(nn.Module):
   norm: Callable[..., nn.Module] = TwinBatchNorm
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
   expansion = 1
 
   @nn.compact
   def __call__(self, x, mode):
-    out = torch_conv(self.planes, 3, self.stride, self.dtype, name='conv1', param_dtype=self.param_dtype)(x)
+    conv = functools.partial(torch_conv, dtype=self.dtype, param_dtype=self.param_dtype,
+                             impl=self.conv_impl)
+    out = conv(self.planes, 3, self.stride, name='conv1')(x)
     out = nn.relu(self.norm(name='bn1')(out, mode))
-    out = torch_conv(self.planes, 3, 1, self.dtype, name='conv2', param_dtype=self.param_dtype)(out)
+    out = conv(self.planes, 3, 1, name='conv2')(out)
     out = self.norm(name='bn2')(out, mode)
     if self.downsample:
-      x = torch_conv(self.planes, 1, self.stride, self.dtype, name='downsample_0', param_dtype=self.param_dtype)(x)
+      x = conv(self.planes, 1, self.stride, name='downsample_0')(x)
       x = self.norm(name='downsample_1')(x, mode)
     return nn.relu(out + x)
 
@@ -181,19 +267,22 @@ class Bottleneck(nn.Module):
   norm: Callable[..., nn.Module] = TwinBatchNorm
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
   expansion = 4
 
   @nn.compact
   def __call__(self, x, mode):
+    conv = functools.partial(torch_conv, dtype=self.dtype, param_dtype=self.param_dtype,
+                             impl=self.conv_impl)
     width = int(self.planes * (self.width_per_group / 64.0))
-    out = torch_conv(width, 1, 1, self.dtype, name='conv1', param_dtype=self.param_dtype)(x)
+    out = conv(width, 1, 1, name='conv1')(x)
     out = nn.relu(self.norm(name='bn1')(out, mode))
-    out = torch_conv(width, 3, self.stride, self.dtype, name='conv2', param_dtype=self.param_dtype)(out)
+    out = conv(width, 3, self.stride, name='conv2')(out)
     out = nn.relu(self.norm(name='bn2')(out, mode))
-    out = torch_conv(self.planes * 4, 1, 1, self.dtype, name='conv3', param_dtype=self.param_dtype)(out)
+    out = conv(self.planes * 4, 1, 1, name='conv3')(out)
     out = self.norm(name='bn3')(out, mode)
     if self.downsample:
-      x = torch_conv(self.planes * 4, 1, self.stride, self.dtype, name='downsample_0', param_dtype=self.param_dtype)(x)
+      x = conv(self.planes * 4, 1, self.stride, name='downsample_0')(x)
       x = self.norm(name='downsample_1')(x, mode)
     return nn.relu(out + x)
 
@@ -231,6 +320,7 @@ class ResNet(nn.Module):
   share_affine: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
   mean: Sequence[float] = IMAGENET_MEAN
   std: Sequence[float] = IMAGENET_STD
 
@@ -246,7 +336,8 @@ class ResNet(nn.Module):
     x = (x - jnp.asarray(self.mean, x.dtype)) / jnp.asarray(self.std, x.dtype)
     x = x.astype(self.dtype)
 
-    x = torch_conv(self.width, 7, 2, self.dtype, name='conv1', param_dtype=self.param_dtype)(x)
+    x = torch_conv(self.width, 7, 2, self.dtype, name='conv1', param_dtype=self.param_dtype,
+                   impl=self.conv_impl)(x)
     x = nn.relu(norm(name='bn1')(x, mode))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
@@ -265,7 +356,7 @@ class ResNet(nn.Module):
         downsample = j == 0 and (stride != 1 or in_planes != planes * expansion)
         x = block_cls(planes=planes, stride=stride, downsample=downsample, norm=norm,
                       dtype=self.dtype, param_dtype=self.param_dtype,
-                      name=f'layer{i + 1}_{j}')(x, mode)
+                      conv_impl=self.conv_impl, name=f'layer{i + 1}_{j}')(x, mode)
         in_planes = planes * expansion
     x = jnp.mean(x.astype(self.param_dtype), axis=(1, 2))
     return TorchDense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -285,14 +376,18 @@ ARCHS = {
 
 def create_model(arch: str, num_classes: int, *, resize: Optional[int] = None,
                  twin: bool = True, share_affine: bool = False,
-                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> ResNet:
-  """Builds one of :data:`ARCHS`."""
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 conv_impl: str = 'auto') -> ResNet:
+  """Builds one of :data:`ARCHS` (``conv_impl``: see :data:`CONV_IMPLS`)."""
   if arch not in ARCHS:
     raise ValueError(f'Unknown architecture {arch!r}; choose one of {sorted(ARCHS)}.')
   if num_classes < 1:
     raise ValueError(f'num_classes must be positive, got {num_classes}.')
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.')
   return ResNet(num_classes=num_classes, resize=resize, twin=twin,
-                share_affine=share_affine, dtype=dtype, param_dtype=param_dtype, **ARCHS[arch])
+                share_affine=share_affine, dtype=dtype, param_dtype=param_dtype,
+                conv_impl=conv_impl, **ARCHS[arch])
 
 
 def init_variables(model: ResNet, seed: int | jax.Array = 0, image_size: int = 32) -> dict:
@@ -333,3 +428,51 @@ def convert_variables(variables: dict, *, twin: bool, share_affine: bool = False
   if twin:
     out['frozen_stats'] = jax.tree.map(jnp.array, variables['batch_stats'])
   return out
+
+
+def _folded_conv_name(bn_name: str) -> Optional[str]:
+  """The convolution a BN of the torchvision layout follows: ``bnK`` -> ``convK``,
+  ``downsample_1`` -> ``downsample_0``."""
+  if bn_name.startswith('bn'):
+    return 'conv' + bn_name[2:]
+  if bn_name == 'downsample_1':
+    return 'downsample_0'
+  return None
+
+
+def fold_eval_bn(variables: dict, epsilon: float = 1e-5) -> dict:
+  """Variables of the ``mode='folded'`` net: the EVAL net with each BN folded into its conv.
+
+  The Adaptive Net in eval mode computes ``conv(x, W) * m + (b - mean * m)`` per BN,
+  ``m = scale / sqrt(var + eps)`` (running statistics). Folded, the kernel becomes
+  ``W * m`` (per output channel) and the BN adds ``b - mean * m``: one multiply less
+  per activation, forward and backward. Only the ``params`` differ (the Adaptive
+  affine pair, or the single pair of a plain net, holds the folded bias); pass the
+  result to ``model.apply(..., mode='folded')``. A pure function of the variables, so
+  it can run inside a jitted step (cost: one pass over the convolution weights).
+  """
+  stats = variables['batch_stats']
+
+  def fold(params, stats):
+    out = dict(params)
+    for name, sub in params.items():
+      if not isinstance(sub, Mapping):
+        continue
+      if 'adaptive_scale' in sub or 'scale' in sub:
+        conv = _folded_conv_name(name)
+        if conv is None or conv not in params:
+          raise ValueError(f'Cannot fold BN {name!r}: no convolution {conv!r} before it.')
+        prefix = 'adaptive_' if 'adaptive_scale' in sub else ''
+        scale, bias = sub[prefix + 'scale'], sub[prefix + 'bias']
+        mean, var = stats[name]['mean'], stats[name]['var']
+        mul = scale * jax.lax.rsqrt(var + epsilon)
+        new_bn = dict(sub)
+        new_bn[prefix + 'bias'] = bias - mean * mul
+        out[name] = new_bn
+        kernel = params[conv]['kernel']
+        out[conv] = dict(params[conv], kernel=(kernel * mul.astype(kernel.dtype)))
+      elif 'kernel' not in sub:  # a block: recurse (a kernel is handled with its BN)
+        out[name] = fold(sub, stats[name]) if name in stats else sub
+    return out
+
+  return dict(variables, params=fold(variables['params'], stats))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from twins_jax import attacks, objectives
+from twins_jax import attacks, models, objectives
 from twins_jax.models import EVAL, TRAIN
 
 
@@ -81,6 +81,9 @@ class StepConfig:
   # 'ce' is the reference for every method; 'kl' (TRADES-style KL-PGD) is an option
   # for the TRADES objectives.
   attack_loss: str = 'ce'
+  # Attack the Adaptive Net with its eval-mode BN folded into the convolutions
+  # (models.fold_eval_bn): the same function, rounded differently.
+  fold_bn_attack: bool = False
 
   def __post_init__(self):
     if self.method not in objectives.METHODS:
@@ -95,6 +98,13 @@ class StepConfig:
     if not self.random_start:
       return 'none'
     return 'normal' if self.attack_loss == 'kl' else 'uniform'
+
+  def attack_logits_fn(self, model, variables):
+    """The attacked net: the Adaptive Net in eval mode (BN folded if asked)."""
+    if self.fold_bn_attack:
+      folded = models.fold_eval_bn(variables)
+      return lambda xa: model.apply(folded, xa, mode=models.FOLDED)
+    return lambda xa: model.apply(variables, xa, mode=EVAL)
 
   def pgd(self, logits_fn, x, y, key):
     return attacks.pgd(logits_fn, x, y, key, eps=self.eps, alpha=self.alpha, steps=self.steps,
@@ -144,7 +154,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config: 
   def train_step(state: TrainState, batch: dict, key: jax.Array):
     x, y = batch['image'], batch['label']
     eval_vars = state.variables
-    x_adv = config.pgd(lambda xa: model.apply(eval_vars, xa, mode=EVAL), x, y, key)
+    x_adv = config.pgd(config.attack_logits_fn(model, eval_vars), x, y, key)
 
     def loss_fn(params):
       running = {'batch_stats': state.batch_stats}
@@ -186,7 +196,7 @@ def make_eval_step(model: nn.Module, config: StepConfig) -> Callable:
   def eval_step(variables, batch, key, eps):
     x, y = batch['image'], batch['label']
     mask = batch.get('mask', jnp.ones(y.shape, jnp.float32))
-    logits_fn = lambda xa: model.apply(variables, xa, mode=EVAL)
+    logits_fn = config.attack_logits_fn(model, variables)
     clean = (jnp.argmax(logits_fn(x), -1) == y) * mask
     x_adv = attacks.pgd(logits_fn, x, y, key, eps=eps, alpha=config.alpha,
                         steps=config.steps, norm=config.norm, loss='ce',

@@ -50,6 +50,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for name in ('lr', 'eps', 'alpha'):
     if config[name] < 0:
       raise ValueError(f'config.{name} must be non-negative, got {config[name]}.')
+  if config.conv_impl not in models.CONV_IMPLS:
+    raise ValueError(f'config.conv_impl={config.conv_impl!r}; choose one of '
+                     f'{models.CONV_IMPLS}.')
+  if config.dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f"config.dtype={config.dtype!r}; choose 'float32' or 'bfloat16'.")
   if config.autoattack not in ('none', 'fast', 'standard'):
     raise ValueError(f"config.autoattack={config.autoattack!r}; choose 'none', 'fast' or "
                      "'standard'.")
@@ -66,13 +71,15 @@ def step_config(config) -> step_lib.StepConfig:
   return step_lib.StepConfig(method=config.method, eps=config.eps, alpha=config.alpha,
                              steps=config.attack_steps, norm=config.norm,
                              lambda_twins=config.lambda_twins, beta=config.beta,
-                             random_start=config.random_start, attack_loss=config.attack_loss)
+                             random_start=config.random_start, attack_loss=config.attack_loss,
+                             fold_bn_attack=config.fold_bn_attack)
 
 
 def eval_step_config(config) -> step_lib.StepConfig:
   return step_lib.StepConfig(method=config.method, eps=config.eps, alpha=config.alpha,
                              steps=config.eval_attack_steps, norm=config.norm,
-                             random_start=config.eval_random_start)
+                             random_start=config.eval_random_start,
+                             fold_bn_attack=config.fold_bn_attack)
 
 
 def model_kwargs(config, num_classes: int) -> dict:
@@ -209,7 +216,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   datasets = data.build_datasets(data_config(config))
   log.info('%s', datasets.describe())
   kwargs = model_kwargs(config, datasets.num_classes)
-  model = models.create_model(**kwargs, dtype=jnp.dtype(config.dtype))
+  model = models.create_model(**kwargs, dtype=jnp.dtype(config.dtype),
+                              conv_impl=config.conv_impl)
 
   loader = datasets.train_loader(config.batch_size, seed=config.seed, process_index=proc,
                                  process_count=n_proc)
@@ -227,6 +235,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   ckpts = checkpointing.RunCheckpoints(workdir, keep=config.keep_checkpoints,
                                        async_save=config.async_checkpoints)
+  if checkpointing.recover_best_model(workdir):
+    log.warning('best_model recovered from best_model.old (an earlier save was interrupted '
+                'between its two renames).')
   abstract_state = jax.eval_shape(
       lambda: step_lib.TrainState.create(
           model_io.abstract_variables(models.create_model(**kwargs)), tx))

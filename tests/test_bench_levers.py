@@ -1,0 +1,168 @@
+"""Speed levers of BENCHMARKS.md keep the numbers: convolutions as matrix products, BN
+folding for the attack, XLA flags.
+
+``models.matmul_conv`` (what ``conv_impl='auto'`` uses on CPU for 1x1 kernels and small
+maps) is the same function as ``lax.conv``: equal values and gradients in float64, and
+the same variables (names, shapes, initial values) whatever ``conv_impl``.
+Folding the Adaptive Net's eval-mode BN into the convolutions (``models.fold_eval_bn``,
+``mode='folded'``) computes the same function with different rounding: in float64 the
+logits, the PGD examples and a whole training step agree to ~1e-12; in float32 the
+logits agree to float32 precision.
+"""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flax_torch
+from twins_jax import attacks, models, xla_flags
+from twins_jax import step as step_lib
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(dtype_name: str, twin: bool):
+  dtype = np.dtype(dtype_name)
+  model = models.create_model('tiny_resnet', 10, twin=twin, dtype=dtype, param_dtype=dtype)
+  variables = flax_torch.randomize_bn(models.init_variables(model, 0), seed=5)
+  rng = np.random.default_rng(1)
+  x = rng.uniform(0, 1, (6, 32, 32, 3)).astype(dtype)
+  y = rng.integers(0, 10, 6).astype(np.int32)
+  return model, variables, x, y
+
+
+@pytest.mark.parametrize('twin', [True, False])
+def test_folded_logits_equal_eval_float64(twin):
+  with jax.enable_x64(True):
+    model, variables, x, _ = _setup('float64', twin)
+    folded = models.fold_eval_bn(variables)
+    ref = model.apply(variables, x, mode=models.EVAL)
+    out = model.apply(folded, x, mode=models.FOLDED)
+    assert out.dtype == jnp.float64
+    assert _rel(out, ref) < 1e-12
+    # Only the convolution kernels and the Adaptive (or only) BN bias changed.
+    changed = jax.tree_util.tree_map_with_path(
+        lambda p, a, b: (jax.tree_util.keystr(p), not np.array_equal(a, b)),
+        folded['params'], variables['params'])
+    for name, moved in jax.tree.leaves(changed, is_leaf=lambda t: isinstance(t, tuple)):
+      expect = name.endswith("['kernel']") and 'fc' not in name or (
+          name.endswith("bias']") and 'frozen' not in name and 'fc' not in name)
+      assert moved == expect, name
+    for key in ('batch_stats', 'frozen_stats'):
+      if key in variables:
+        assert folded[key] is variables[key]
+
+
+def test_folded_logits_equal_eval_float32():
+  model, variables, x, _ = _setup('float32', True)
+  ref = model.apply(variables, x, mode=models.EVAL)
+  out = model.apply(models.fold_eval_bn(variables), x, mode=models.FOLDED)
+  assert _rel(out, ref) < 1e-5
+
+
+def test_folded_pgd_examples_equal_float64():
+  with jax.enable_x64(True):
+    model, variables, x, y = _setup('float64', True)
+    kw = dict(eps=8 / 255, alpha=2 / 255, steps=3, start='uniform')
+    key = jax.random.key(0)
+    plain = step_lib.StepConfig(steps=3).attack_logits_fn(model, variables)
+    folded = step_lib.StepConfig(steps=3, fold_bn_attack=True).attack_logits_fn(model, variables)
+    x_plain = jax.jit(lambda x, y, k: attacks.pgd(plain, x, y, k, **kw))(x, y, key)
+    x_fold = jax.jit(lambda x, y, k: attacks.pgd(folded, x, y, k, **kw))(x, y, key)
+    np.testing.assert_array_equal(np.asarray(x_fold), np.asarray(x_plain))
+    assert np.max(np.abs(np.asarray(x_plain) - x)) > 0.5 * 8 / 255  # the attack moved
+
+
+@pytest.mark.slow  # two float64 train-step compiles per method (~35 s)
+@pytest.mark.parametrize('method', ['twins_at', 'twins_trades'])
+def test_train_step_with_folded_attack_equals_default_float64(method):
+  with jax.enable_x64(True):
+    model, variables, x, y = _setup('float64', True)
+    tx, schedule = step_lib.make_optimizer(0.05, 5e-4)
+    batch = {'image': x, 'label': y}
+    states = []
+    for fold in (False, True):
+      config = step_lib.StepConfig(method=method, steps=2, fold_bn_attack=fold)
+      train_step = jax.jit(step_lib.make_train_step(model, tx, config, schedule))
+      state, metrics = train_step(step_lib.TrainState.create(variables, tx), batch,
+                                  jax.random.key(3))
+      states.append((state, metrics))
+    (a, ma), (b, mb) = states
+    assert float(ma['loss']) == pytest.approx(float(mb['loss']), rel=1e-10)
+    for u, v in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
+      assert _rel(v, u) < 1e-10
+
+
+def test_fold_rejects_a_bn_without_its_convolution():
+  params = {'block': {'bn1': {'scale': jnp.ones(2), 'bias': jnp.zeros(2)}}}
+  stats = {'block': {'bn1': {'mean': jnp.zeros(2), 'var': jnp.ones(2)}}}
+  with pytest.raises(ValueError, match='conv1'):
+    models.fold_eval_bn({'params': params, 'batch_stats': stats})
+
+
+def test_xla_flags_apply_keeps_user_settings(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_a=1 --xla_b=2')
+  with pytest.warns(UserWarning, match='after JAX was imported'):
+    out = xla_flags.apply(('--xla_b=3', '--xla_c=4'))
+  assert out == '--xla_a=1 --xla_b=2 --xla_c=4'
+  assert os.environ['XLA_FLAGS'] == out
+  monkeypatch.delenv('XLA_FLAGS')
+  assert xla_flags.apply(()) == ''
+  assert 'XLA_FLAGS' not in os.environ
+
+
+CONV_CASES = [  # (size, k, stride, cin, cout): stem, 3x3 on 8/2/1 maps, strided 1x1, odd sizes
+    (32, 7, 2, 3, 4), (8, 3, 1, 4, 5), (2, 3, 2, 3, 4), (1, 3, 1, 3, 2), (2, 3, 1, 2, 3),
+    (8, 1, 2, 3, 4), (7, 3, 2, 2, 3), (5, 1, 1, 3, 2), (3, 3, 2, 2, 2)]
+
+
+@pytest.mark.parametrize('size,k,stride,cin,cout', CONV_CASES)
+def test_matmul_conv_equals_lax_conv_float64(size, k, stride, cin, cout):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(size * 31 + k)
+    x = jnp.asarray(rng.standard_normal((2, size, size, cin)))
+    w = jnp.asarray(rng.standard_normal((k, k, cin, cout)))
+    p = k // 2
+    ref_fn = lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (stride, stride), ((p, p), (p, p)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    ours_fn = lambda x, w: models.matmul_conv(x, w, stride, p)
+    y_ref, vjp_ref = jax.vjp(ref_fn, x, w)
+    y, vjp = jax.vjp(ours_fn, x, w)
+    assert y.shape == y_ref.shape
+    assert _rel(y, y_ref) < 1e-13
+    g = jnp.asarray(rng.standard_normal(y.shape))
+    for a, b in zip(vjp(g), vjp_ref(g)):
+      assert _rel(a, b) < 1e-13
+
+
+def test_conv_impls_share_variables_and_logits():
+  x = np.random.default_rng(2).uniform(0, 1, (3, 32, 32, 3)).astype(np.float32)
+  variables, logits = {}, {}
+  for impl in models.CONV_IMPLS:
+    model = models.create_model('tiny_resnet', 10, conv_impl=impl)  # 3x3 and strided 1x1
+    variables[impl] = models.init_variables(model, 0)
+    logits[impl] = model.apply(variables[impl], x, mode=models.EVAL)
+  for impl in ('auto', 'matmul'):
+    assert (jax.tree_util.tree_structure(variables[impl])
+            == jax.tree_util.tree_structure(variables['xla']))
+    for a, b in zip(jax.tree.leaves(variables[impl]), jax.tree.leaves(variables['xla'])):
+      np.testing.assert_array_equal(a, b)
+    assert _rel(logits[impl], logits['xla']) < 1e-5
+  with pytest.raises(ValueError, match='conv_impl'):
+    models.create_model('tiny_resnet', 10, conv_impl='cudnn')
+
+
+def test_auto_rule():
+  assert models.use_matmul_conv(1, 56, 56, 64)  # 1x1: always a matrix product
+  assert models.use_matmul_conv(3, 4, 4, 64)  # small maps
+  assert models.use_matmul_conv(3, 7, 7, 512)  # layer4 at 224
+  assert not models.use_matmul_conv(3, 8, 8, 64)  # layer1 at 32x32: XLA's convolution
+  assert not models.use_matmul_conv(7, 16, 16, 64)  # the stem
