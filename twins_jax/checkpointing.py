@@ -65,6 +65,21 @@ class RunCheckpoints:
     self.manager.close()
 
 
+def recover_best_model(workdir) -> Optional[Path]:
+  """Puts back ``best_model`` if a save was killed between its two renames.
+
+  ``save_best_model`` moves the previous best aside to ``best_model.old`` before renaming
+  the new one into place; a kill in between leaves only ``best_model.old`` (complete).
+  Returns the recovered directory, or None when there was nothing to recover.
+  """
+  workdir = Path(workdir).absolute()
+  final, old = workdir / 'best_model', workdir / 'best_model.old'
+  if jax.process_index() != 0 or final.exists() or not old.is_dir():
+    return None
+  os.replace(old, final)
+  return final
+
+
 def save_best_model(workdir, variables: dict, model_kwargs: dict, metadata: dict) -> Path:
   """Writes ``workdir/best_model`` atomically: to a temporary directory, then renamed.
 
