@@ -4,8 +4,7 @@ Usage::
 
   python bench/report.py OUT.json RESULT.json [RESULT.json ...]
 
-FLOP/s are recomputed from the analytic model FLOPs (``common.analytic_forward_flops``)
-so that every row uses the same convention, whatever version of step.py wrote it.
+FLOPs and FLOP/s are the analytic ones ``bench/step.py`` wrote (``common.analytic_forward_flops``).
 """
 
 from __future__ import annotations
@@ -14,27 +13,15 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-
 
 def main(argv):
-  from bench import common
-  from bench.step import passes
-
   out, paths = argv[0], argv[1:]
   rows, runs = [], []
   for p in paths:
     with open(p) as f:
       r = json.load(f)
     c = r['config']
-    resize = None if c['resize'] == 'none' else int(c['resize'])
-    f_fwd = common.analytic_forward_flops(c['arch'], 10, c['image_size'], resize)
-    train_f, eval_f = (n * f_fwd for n in passes(c['method'], c['attack_steps']))
-    r['model_flops_per_image'] = dict(train=train_f, eval=eval_f)
-    r['forward_flops_per_image'] = f_fwd
-    for part, fl in (('train', train_f), ('eval', eval_f)):
-      r[part]['jax_flops_per_s'] = fl * r[part]['jax_images_per_s']
-      r[part]['torch_flops_per_s'] = fl * r[part]['torch_images_per_s']
+    train_f = r['model_flops_per_image']['train']
     r['source'] = os.path.basename(p)
     runs.append(r)
     tr, ev = r['train'], r['eval']

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import os
 import platform
@@ -180,19 +179,16 @@ def run_jax(args, x, y):
   eval_round = None
   if args.eval:
     eval_config = step_lib.StepConfig(method=args.method, steps=args.attack_steps)
-    raw_eval_step = step_lib.make_eval_step(model, eval_config)
-    # The radius is a traced argument in newer versions of make_eval_step.
-    eval_args = ((jnp.float32(eval_config.eps),)
-                 if 'eps' in inspect.signature(raw_eval_step).parameters else ())
-    eval_step = parallel.jit_eval_step(raw_eval_step, mesh)
+    eps = jnp.float32(eval_config.eps)
+    eval_step = parallel.jit_eval_step(step_lib.make_eval_step(model, eval_config), mesh)
     eval_vars = jax.device_get(state.variables)
     eval_vars = parallel.replicate(eval_vars, mesh)
-    jax.block_until_ready(eval_step(eval_vars, batch, keys[0], *eval_args))
+    jax.block_until_ready(eval_step(eval_vars, batch, keys[0], eps))
 
     def eval_round():
       t, c = time.perf_counter(), time.process_time()
       for i in range(args.steps_per_repeat):
-        out = eval_step(eval_vars, batch, keys[i], *eval_args)
+        out = eval_step(eval_vars, batch, keys[i], eps)
       jax.block_until_ready(out)
       k = args.steps_per_repeat
       return (time.perf_counter() - t) / k, (time.process_time() - c) / k

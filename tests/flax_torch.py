@@ -1,4 +1,5 @@
-"""Test helpers: Flax variables <-> PyTorch state dicts of ``tests/torch_reference.py``.
+"""Test helpers: Flax variables <-> PyTorch state dicts of ``tests/torch_reference.py``,
+and the norm-wise relative error the numerical tests compare with.
 
 Written independently of :mod:`twins_jax.port` so that the parity tests of the
 training step do not rest on the code the porting tests check.
@@ -9,6 +10,12 @@ from __future__ import annotations
 import jax
 import numpy as np
 import torch
+
+def rel_err(a, b) -> float:
+  """Norm-wise relative error of a tensor, ``||a - b|| / ||b||``, computed in float64."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
 
 _BN_PARAM = {'scale': 'weight', 'bias': 'bias'}
 _BN_STAT = {'mean': 'running_mean', 'var': 'running_var'}

@@ -23,11 +23,6 @@ from twins_jax import attacks, models, xla_flags
 from twins_jax import step as step_lib
 
 
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
-
-
 @functools.lru_cache(maxsize=None)
 def _setup(dtype_name: str, twin: bool):
   dtype = np.dtype(dtype_name)
@@ -47,7 +42,7 @@ def test_folded_logits_equal_eval_float64(twin):
     ref = model.apply(variables, x, mode=models.EVAL)
     out = model.apply(folded, x, mode=models.FOLDED)
     assert out.dtype == jnp.float64
-    assert _rel(out, ref) < 1e-12
+    assert flax_torch.rel_err(out, ref) < 1e-12
     # Only the convolution kernels and the Adaptive (or only) BN bias changed.
     changed = jax.tree_util.tree_map_with_path(
         lambda p, a, b: (jax.tree_util.keystr(p), not np.array_equal(a, b)),
@@ -65,7 +60,7 @@ def test_folded_logits_equal_eval_float32():
   model, variables, x, _ = _setup('float32', True)
   ref = model.apply(variables, x, mode=models.EVAL)
   out = model.apply(models.fold_eval_bn(variables), x, mode=models.FOLDED)
-  assert _rel(out, ref) < 1e-5
+  assert flax_torch.rel_err(out, ref) < 1e-5
 
 
 def test_folded_pgd_examples_equal_float64():
@@ -98,7 +93,7 @@ def test_train_step_with_folded_attack_equals_default_float64(method):
     (a, ma), (b, mb) = states
     assert float(ma['loss']) == pytest.approx(float(mb['loss']), rel=1e-10)
     for u, v in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
-      assert _rel(v, u) < 1e-10
+      assert flax_torch.rel_err(v, u) < 1e-10
 
 
 def test_fold_rejects_a_bn_without_its_convolution():
@@ -137,10 +132,10 @@ def test_matmul_conv_equals_lax_conv_float64(size, k, stride, cin, cout):
     y_ref, vjp_ref = jax.vjp(ref_fn, x, w)
     y, vjp = jax.vjp(ours_fn, x, w)
     assert y.shape == y_ref.shape
-    assert _rel(y, y_ref) < 1e-13
+    assert flax_torch.rel_err(y, y_ref) < 1e-13
     g = jnp.asarray(rng.standard_normal(y.shape))
     for a, b in zip(vjp(g), vjp_ref(g)):
-      assert _rel(a, b) < 1e-13
+      assert flax_torch.rel_err(a, b) < 1e-13
 
 
 def test_conv_impls_share_variables_and_logits():
@@ -155,7 +150,7 @@ def test_conv_impls_share_variables_and_logits():
             == jax.tree_util.tree_structure(variables['xla']))
     for a, b in zip(jax.tree.leaves(variables[impl]), jax.tree.leaves(variables['xla'])):
       np.testing.assert_array_equal(a, b)
-    assert _rel(logits[impl], logits['xla']) < 1e-5
+    assert flax_torch.rel_err(logits[impl], logits['xla']) < 1e-5
   with pytest.raises(ValueError, match='conv_impl'):
     models.create_model('tiny_resnet', 10, conv_impl='cudnn')
 

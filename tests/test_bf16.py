@@ -28,11 +28,6 @@ def setup():
   return fp32, bf16, variables, x, y
 
 
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def test_bf16_model_has_fp32_variables_and_bf16_matmuls(setup):
   fp32, bf16, variables, x, _ = setup
   init = models.init_variables(bf16, 0)
@@ -47,7 +42,7 @@ def test_bf16_model_has_fp32_variables_and_bf16_matmuls(setup):
   out32 = fp32.apply(variables, x, mode=models.EVAL)
   out16 = bf16.apply(variables, x, mode=models.EVAL)
   assert out16.dtype == jnp.float32  # the head's output is fp32 for the loss
-  assert 0 < _rel(out16, out32) < 3e-2  # really rounded, but close
+  assert 0 < flax_torch.rel_err(out16, out32) < 3e-2  # really rounded, but close
 
 
 def _one_step(setup, steps):
@@ -81,7 +76,7 @@ def test_bf16_step_keeps_fp32_state_and_follows_fp32(setup):
   cosine = float(d16 @ d32 / (np.linalg.norm(d16) * np.linalg.norm(d32)))
   print(f'bf16 vs fp32, no PGD: loss {loss16:.5f} vs {loss32:.5f}, update cosine {cosine:.4f}')
   assert cosine > 0.95  # measured 0.990
-  assert _rel(d16, d32) > 0  # bf16 really changed the arithmetic
+  assert flax_torch.rel_err(d16, d32) > 0  # bf16 really changed the arithmetic
 
 
 @pytest.mark.slow  # two more train-step compiles (~40 s)

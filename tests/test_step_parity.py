@@ -31,11 +31,6 @@ ATTACK = dict(eps=8 / 255, alpha=2 / 255, steps=3)
 N = 7  # odd on purpose: the Frozen half gets 3 examples, the Adaptive half 4
 
 
-def _rel_err(a, b):
-  """Norm-wise relative error of a tensor, ``||a - b|| / ||b||``."""
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
-
-
 @functools.lru_cache(maxsize=None)
 def _run(method: str, twin: bool):
   """Runs three steps in both frameworks; returns the states after steps 0, 1 and 3."""
@@ -101,14 +96,15 @@ def test_step_equals_pytorch(method, twin, n_steps):
     b = theirs[name].numpy()
     # Parameters and running statistics (mean, and the unbiased running variance,
     # which we reproduce exactly) within 1e-5 norm-wise relative error.
-    assert _rel_err(a.numpy(), b) <= 1e-5, (name, _rel_err(a.numpy(), b))
+    value_err = flax_torch.rel_err(a.numpy(), b)
+    assert value_err <= 1e-5, (name, value_err)
     # The update itself (not only the value) agrees.
     delta_ours, delta_theirs = a.numpy() - before[name].numpy(), b - before[name].numpy()
     if np.max(np.abs(delta_theirs)) > 1e-6:
       changed += 1
-      assert _rel_err(delta_ours, delta_theirs) <= 1e-6, (name, 'update',
-                                                          _rel_err(delta_ours, delta_theirs))
-      worst = max(worst[0], _rel_err(a.numpy(), b)), max(worst[1], _rel_err(delta_ours, delta_theirs))
+      update_err = flax_torch.rel_err(delta_ours, delta_theirs)
+      assert update_err <= 1e-6, (name, 'update', update_err)
+      worst = max(worst[0], value_err), max(worst[1], update_err)
   print(f'{method} after {n_steps} step(s): worst relative error {worst[0]:.2e} (values), '
         f'{worst[1]:.2e} (updates)')
   assert changed > len(ours) // 2  # the comparison is not vacuous: most tensors moved

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._common import _typed, as_partial, check_norm, example_keys, flat_norm
+from ._common import _typed, as_partial, check_norm, example_keys, flat_norm, predict
 from .autopgd import apgd_core
 from .fab_attack import fab_t_core
 from .square_attack import square_core
@@ -33,9 +33,7 @@ VERSIONS = {
 }
 
 
-@jax.jit
-def _predict(fn, x):
-  return jnp.argmax(fn(x), axis=-1)
+_predict = jax.jit(predict)
 
 
 def _batched_predict(fn, x, bs):
