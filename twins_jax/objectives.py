@@ -6,10 +6,14 @@ Semantics are those of the reference (twins-reference.md, section 2):
   **Frozen Net** (pre-training BN statistics), the other ``N - h`` through the
   **Adaptive Net** in train mode (batch statistics, running statistics updated);
 * TWINS-AT: ``lambda * CE(frozen) + CE(adaptive)``, each a mean over its half;
-* TWINS-TRADES: the clean batch and then the adversarial batch each go through the
-  split forward; ``L_nat + beta * L_rob`` where each half's KL is summed and divided by
-  the *full* batch size N, the Frozen term weighted by ``lambda``;
-* AT and TRADES are the same losses on an ordinary network (the Adaptive Net alone).
+* TWINS-TRADES: the adversarial batch and then the clean batch each go through the
+  split forward (adversarial first, as the official ``train-TWINS-TRADES.py``: the
+  Adaptive running statistics are updated with the adversarial half first);
+  ``L_nat + beta * L_rob`` where each half's KL is summed and divided by the batch
+  size N, the Frozen term weighted by ``lambda``;
+* AT and TRADES are the same losses on an ordinary network (the Adaptive Net alone);
+  TRADES also runs the adversarial forward before the clean one
+  (``AT_cifar/train-TRADES.py``).
 
 Each function takes ``forward(x, mode) -> logits`` (which records the Adaptive Net's
 statistics update as a side effect, see :mod:`twins_jax.step`) and returns the loss
@@ -72,8 +76,8 @@ def twins_at(forward: Forward, x_nat, x_adv, y, *, lambda_twins: float, beta: fl
 def twins_trades(forward: Forward, x_nat, x_adv, y, *, lambda_twins: float, beta: float):
   n = x_nat.shape[0]
   y_f, y_a = split(y)
+  adv_f, adv_a = _split_forward(forward, x_adv)  # adversarial first: see the module docstring
   nat_f, nat_a = _split_forward(forward, x_nat)
-  adv_f, adv_a = _split_forward(forward, x_adv)
   nat_loss_f, nat_loss_a = cross_entropy(nat_f, y_f), cross_entropy(nat_a, y_a)
   rob_loss_f, rob_loss_a = kl_sum(adv_f, nat_f) / n, kl_sum(adv_a, nat_a) / n
   loss_nat = lambda_twins * nat_loss_f + nat_loss_a
@@ -95,8 +99,8 @@ def at(forward: Forward, x_nat, x_adv, y, *, lambda_twins: float, beta: float):
 
 def trades(forward: Forward, x_nat, x_adv, y, *, lambda_twins: float, beta: float):
   del lambda_twins
+  adv = forward(x_adv, TRAIN)  # adversarial first, as the official TRADES script
   nat = forward(x_nat, TRAIN)
-  adv = forward(x_adv, TRAIN)
   loss_nat = cross_entropy(nat, y)
   loss_rob = kl_sum(adv, nat) / x_nat.shape[0]
   loss = loss_nat + beta * loss_rob
