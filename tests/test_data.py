@@ -56,7 +56,7 @@ def test_cifar10_mock_pipeline():
     assert (len(ds.train), len(ds.val), len(ds.test)) == (45, 5, 50)
     assert 'cifar10' in ds.describe() and 'val 5' in ds.describe()
 
-    loader = ds.train_loader(16)
+    loader = ds.train_loader(16, last_batch='drop')
     assert loader.steps_per_epoch == 2
     batch = loader.batch(3)
     assert batch['image'].shape == (16, 32, 32, 3) and batch['image'].dtype == np.float32
@@ -66,8 +66,9 @@ def test_cifar10_mock_pipeline():
     assert ((0 <= batch['label']) & (batch['label'] < 10)).all()
 
     # Resume: a fresh loader gives the same batches; two hosts' shares give the global batch.
-    again = ds.train_loader(16)
-    hosts = [ds.train_loader(16, process_index=i, process_count=2) for i in range(2)]
+    again = ds.train_loader(16, last_batch='drop')
+    hosts = [ds.train_loader(16, process_index=i, process_count=2, last_batch='drop')
+             for i in range(2)]
     for step in (0, 1, 2, 5):
       assert_batches_equal(loader.batch(step), again.batch(step))
       assert_batches_equal(loader.batch(step), concat_hosts([h.batch(step) for h in hosts]))
@@ -86,7 +87,8 @@ def test_high_resolution_mock_with_imagenet_augmentation():
     one = birds.train_loader(8, num_workers=1)
     two = [birds.train_loader(8, process_index=i, process_count=2, num_workers=2)
            for i in range(2)]
-    for step in (0, 2, 3):
+    assert one.steps_per_epoch == 3 and one.batch(2)['image'].shape == (5, 24, 24, 3)
+    for step in (0, 3, 4):
       b = one.batch(step)
       assert b['image'].shape == (8, 24, 24, 3) and b['image'].dtype == np.float32
       assert 0.0 <= b['image'].min() and b['image'].max() <= 1.0
@@ -141,7 +143,7 @@ def test_prepared_tfds_dataset_is_read_without_tensorflow(tmp_path):
     for c in range(3):  # grayscale -> 3 equal channels, lossless PNG round trip
       np.testing.assert_array_equal(image[:, :, c], tiny_gray_image(6, i))
   assert seen == set(range(6))
-  batch = data.TrainLoader(source, 4, seed=0, augment='imagenet', image_size=8).batch(1)
+  batch = data.TrainLoader(source, 4, seed=0, augment='imagenet', image_size=8).batch(0)
   assert batch['image'].shape == (4, 8, 8, 3)
 
 
@@ -214,16 +216,21 @@ def test_train_loader_resume_hosts_and_epochs():
   assert not np.array_equal(other_seed.batch(0)['image'], reference[0]['image'])
 
 
-def test_drop_remainder_and_iterator_close():
+def test_last_batch_partial_or_dropped_and_iterator_close():
   source = random_source(10, size=4)
-  dropping = data.TrainLoader(source, 4, seed=0)
+  dropping = data.TrainLoader(source, 4, seed=0, last_batch='drop')
   assert dropping.steps_per_epoch == 2
   assert len(set(np.concatenate([dropping.indices(k) for k in range(2)]))) == 8
-  keeping = data.TrainLoader(source, 4, seed=0, drop_remainder=False)
-  assert keeping.steps_per_epoch == 3
+  # The reference (DataLoader(drop_last=False)): ceil(10 / 4) = 3 steps, the last one of 2.
+  keeping = data.TrainLoader(source, 4, seed=0)
+  assert keeping.last_batch == 'partial' and keeping.steps_per_epoch == 3
+  assert [keeping.batch_size_at(k) for k in range(6)] == [4, 4, 2, 4, 4, 2]
   seen = np.concatenate([keeping.indices(k) for k in range(3)])
-  assert len(seen) == 12 and set(seen) == set(range(10))
-  assert keeping.batch(2)['image'].shape == (4, 4, 4, 3)
+  assert len(seen) == 10 and set(seen) == set(range(10))
+  assert keeping.batch(2)['image'].shape == (2, 4, 4, 3)
+  assert keeping.batch(5)['label'].shape == (2,)
+  # A lone leftover example is dropped (it could be neither split nor batch-normalised).
+  assert data.TrainLoader(random_source(9, size=4), 4, seed=0).steps_per_epoch == 2
 
   forever = keeping.iterate(start_step=0)
   first = [next(forever) for _ in range(5)]
@@ -231,6 +238,27 @@ def test_drop_remainder_and_iterator_close():
   assert_batches_equal(first[4], keeping.batch(4))
   with pytest.raises(StopIteration):
     next(forever)
+
+
+@pytest.mark.parametrize('shard_multiple', [2, 8])
+def test_partial_batch_host_rows(shard_multiple):
+  """Two hosts' shares of a partial batch make the global batch; one that does not split
+  over the devices is read whole by every host (it is then computed replicated)."""
+  source = random_source(22, size=4)  # batches of 8: 8, 8, 6
+  make = lambda **kw: data.TrainLoader(source, 8, seed=1, shard_multiple=shard_multiple, **kw)
+  single = make(process_count=1, process_index=0)
+  hosts = [make(process_index=i, process_count=2) for i in range(2)]
+  assert single.steps_per_epoch == 3
+  for step in range(6):
+    size = single.batch_size_at(step)
+    parts = [h.batch(step) for h in hosts]
+    if size % shard_multiple:
+      assert not hosts[0].sharded(step)
+      for p in parts:
+        assert_batches_equal(single.batch(step), p)
+    else:
+      assert hosts[0].sharded(step)
+      assert_batches_equal(single.batch(step), concat_hosts(parts))
 
 
 def test_errors_in_workers_reach_the_consumer():
@@ -357,8 +385,10 @@ def test_digits_source_subsets_and_upsampling():
   assert len(subset) == (raw.target == 7).sum() + (raw.target == 2).sum()
   assert (subset.labels == 0).sum() == (raw.target == 7).sum()
 
-  a = data.build_datasets(cfg(dataset='digits', digits_classes=[0, 1, 2, 3, 4], seed=0))
-  b = data.build_datasets(cfg(dataset='digits', digits_classes=[0, 1, 2, 3, 4], seed=9))
+  a = data.build_datasets(cfg(dataset='digits', digits_classes=[0, 1, 2, 3, 4], seed=0,
+                              val_fraction=0.05))
+  b = data.build_datasets(cfg(dataset='digits', digits_classes=[0, 1, 2, 3, 4], seed=9,
+                              val_fraction=0.05))
   assert a.num_classes == 5 and a.image_size == 32 and a.augment == 'none'
   images = lambda source: collections.Counter(source[i][0].tobytes() for i in range(len(source)))
   assert images(a.test) == images(b.test)  # the test split does not depend on the seed
@@ -438,4 +468,6 @@ def test_configuration_errors(tmp_path):
   with pytest.raises(ValueError, match='divisible by the number of processes'):
     data.eval_batches(source, 6, image_size=4, process_count=4)
   with pytest.raises(ValueError, match='smaller than one batch'):
-    data.TrainLoader(source, 16, seed=0)
+    data.TrainLoader(source, 16, seed=0, last_batch='drop')
+  with pytest.raises(ValueError, match='last_batch must be one of'):
+    data.TrainLoader(source, 4, seed=0, last_batch='fill')

@@ -35,10 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The settings every tiny run shares: they fix the compiled programs (with the number of
 # classes, 10 for digits and for CIFAR-10), so runs that differ only elsewhere (workdir,
-# method-independent run settings, dataset contents) reuse the cached compilations.
+# method-independent run settings, dataset contents) reuse the cached compilations. They
+# hold out a validation split and drop the last partial batch (one program per method);
+# test_mock_cifar10_training_run runs the reference protocol (all images, partial batch).
 TINY = dict(arch='tiny_resnet', resize=0, dataset='digits', image_size=16, batch_size=16,
             eval_batch_size=32, num_epochs=1, lr_milestones=(), attack_steps=1,
-            eval_attack_steps=1, val_fraction=0.1, log_every_steps=5,
+            eval_attack_steps=1, val_fraction=0.1, last_batch='drop', log_every_steps=5,
             checkpoint_every_steps=25)
 DIGITS_STEPS_PER_EPOCH = 75  # 1797 digits: 449 test, 135 val, 1213 train -> 75 batches of 16
 DIGITS_TEST_SIZE = 449  # not a multiple of eval_batch_size (32): the last batch is padded
@@ -210,7 +212,9 @@ def check_run_artifacts(workdir: Path, config, num_classes: int, train_size: int
   steps = checkpoint_steps(workdir)
   assert steps and steps[-1] == total and len(steps) <= config.keep_checkpoints
 
-  # best_model: a loadable model directory.
+  # final_model and best_model: loadable model directories.
+  _, final_variables, final_meta = model_io.load_model_dir(workdir / 'final_model')
+  assert final_meta['metadata']['step'] == total and all_finite(final_variables)
   model, variables, meta = model_io.load_model_dir(workdir / 'best_model')
   assert meta['model_kwargs']['arch'] == config.arch
   assert meta['model_kwargs']['num_classes'] == num_classes
@@ -313,7 +317,7 @@ def test_rerun_after_completion_does_not_retrain(main_run, compile_cache, tmp_pa
   results_before = json.loads((workdir / 'results.json').read_text())
   calls = []
 
-  def no_training(train_step, mesh, donate=True):
+  def no_training(train_step, mesh, donate=True, shard_batch=True):
     def fail(*args):
       calls.append(1)
       raise AssertionError('the training step ran on a finished run')
@@ -431,7 +435,7 @@ def test_preset_loads_and_builds_datasets(preset, tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   with tfds.testing.mock_data(num_examples=24):
     ds = data.build_datasets(train.data_config(config))
-    assert ds.image_size == size and ds.val is not None
+    assert ds.image_size == size and (ds.val is None) == (config.val_fraction == 0)
     loader = ds.train_loader(4, seed=config.seed)
     batch = loader.batch(0)
     assert batch['image'].shape == (4, size, size, 3) and batch['image'].dtype == np.float32
@@ -445,19 +449,40 @@ def test_preset_loads_and_builds_datasets(preset, tmp_path):
 
 
 def test_mock_cifar10_training_run(compile_cache, tmp_path):
-  """The CIFAR-10 preset (TFDS, mocked) trains end to end with the tiny model."""
+  """The CIFAR-10 preset (TFDS, mocked) trains end to end with the tiny model, with the
+  reference's protocol: every training image, the last partial batch kept (an epoch is
+  ceil(N / B) steps), lr milestones in those steps, the final model reported."""
   from configs import cifar10
   tfds = pytest.importorskip('tensorflow_datasets')
-  config = tiny_config(compile_cache, base=cifar10, dataset='cifar10')
+  preset = cifar10.get_config()
+  assert (preset.val_fraction, preset.last_batch, preset.eval_random_start) == (
+      0.0, 'partial', False)
+  config = tiny_config(compile_cache, base=cifar10, dataset='cifar10', num_epochs=2,
+                       lr_milestones=(1,), val_fraction=preset.val_fraction,
+                       last_batch=preset.last_batch)
   assert config.augment == ''  # the preset's CIFAR augmentation
-  with tfds.testing.mock_data(num_examples=100):
+  n, batch = 100, config.batch_size
+  with tfds.testing.mock_data(num_examples=n):
     results = train.train_and_evaluate(config, tmp_path)
-  # 100 mocked train examples: 10 held out for validation, 90 -> 5 steps; 100 test examples
-  # (eval batch 32: 3 full batches and a padded one).
-  assert results['steps'] == 5
-  assert results['test']['last']['num_examples'] == 100
-  assert results['best_validation']['num_examples'] == 10
-  assert checkpoint_steps(tmp_path)[-1] == 5
+  steps_per_epoch = math.ceil(n / batch)  # 6 batches of 16 and one of 4
+  assert steps_per_epoch == 7
+  assert results['steps'] == 2 * steps_per_epoch
+  assert results['protocol'] == {'train_examples': n, 'steps_per_epoch': steps_per_epoch,
+                                 'last_batch': 'partial', 'val_fraction': 0.0,
+                                 'val_examples': 0}
+  assert set(results['test']) == {'last'} and results['best_validation'] is None
+  assert results['test']['last']['num_examples'] == n
+  assert not (tmp_path / 'best_model').exists()
+  _, _, meta = model_io.load_model_dir(tmp_path / 'final_model')
+  assert meta['metadata']['step'] == 2 * steps_per_epoch
+  assert model_io.resolve_model_dir(tmp_path) == tmp_path / 'final_model'
+  assert checkpoint_steps(tmp_path)[-1] == 2 * steps_per_epoch
+  # The milestone (epoch 1) falls at iteration 7: updates 0..6 use lr, the rest lr * 0.1.
+  lrs = {r['step']: r['train/learning_rate'] for r in reporting.read_metrics(tmp_path)
+         if 'train/learning_rate' in r}
+  assert lrs[5] == pytest.approx(config.lr) and lrs[10] == pytest.approx(config.lr * 0.1)
+  md = (tmp_path / 'results.md').read_text()
+  assert "the reference's" in md and f'Trained on {n} images, 7 steps per epoch' in md
 
 
 @pytest.mark.slow
@@ -486,8 +511,8 @@ def poisoning_jit_train_step(poison_at: int):
   ``poison_at`` (the real compiled step runs; the poison is applied to its output)."""
   real = parallel.jit_train_step
 
-  def jit_train_step(train_step, mesh, donate=True):
-    jitted = real(train_step, mesh, donate)
+  def jit_train_step(train_step, mesh, donate=True, shard_batch=True):
+    jitted = real(train_step, mesh, donate, shard_batch)
 
     def step(state, batch, key):
       state, metrics = jitted(state, batch, key)

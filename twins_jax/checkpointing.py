@@ -6,8 +6,9 @@ far). Because every training batch is a pure function of ``(seed, step)``, the s
 number alone is the input pipeline's position: restoring a checkpoint and
 continuing gives exactly the run that was interrupted.
 
-``workdir/best_model/`` is a model directory (:mod:`twins_jax.model_io`) holding the
-variables with the best validation robust accuracy, replaced atomically.
+``workdir/final_model/`` (the model the run ends with, what the reference reports) and,
+when a validation split is held out, ``workdir/best_model/`` (the best validation robust
+accuracy) are model directories (:mod:`twins_jax.model_io`), each replaced atomically.
 """
 
 from __future__ import annotations
@@ -65,31 +66,33 @@ class RunCheckpoints:
     self.manager.close()
 
 
-def recover_best_model(workdir) -> Optional[Path]:
-  """Puts back ``best_model`` if a save was killed between its two renames.
+def recover_best_model(workdir, name: str = 'best_model') -> Optional[Path]:
+  """Puts back ``workdir/<name>`` if a save was killed between its two renames.
 
-  ``save_best_model`` moves the previous best aside to ``best_model.old`` before renaming
-  the new one into place; a kill in between leaves only ``best_model.old`` (complete).
+  :func:`save_best_model` moves the previous model aside to ``<name>.old`` before renaming
+  the new one into place; a kill in between leaves only ``<name>.old`` (complete).
   Returns the recovered directory, or None when there was nothing to recover.
   """
   workdir = Path(workdir).absolute()
-  final, old = workdir / 'best_model', workdir / 'best_model.old'
+  final, old = workdir / name, workdir / f'{name}.old'
   if jax.process_index() != 0 or final.exists() or not old.is_dir():
     return None
   os.replace(old, final)
   return final
 
 
-def save_best_model(workdir, variables: dict, model_kwargs: dict, metadata: dict) -> Path:
-  """Writes ``workdir/best_model`` atomically: to a temporary directory, then renamed.
+def save_best_model(workdir, variables: dict, model_kwargs: dict, metadata: dict,
+                    name: str = 'best_model') -> Path:
+  """Writes the model directory ``workdir/<name>`` atomically: to a temporary directory,
+  then renamed (``name``: ``best_model`` or ``final_model``).
 
   Every process calls it (Orbax writes each process's share); process 0 renames.
   """
   workdir = Path(workdir).absolute()
-  final, tmp, old = workdir / 'best_model', workdir / 'best_model.tmp', workdir / 'best_model.old'
+  final, tmp, old = workdir / name, workdir / f'{name}.tmp', workdir / f'{name}.old'
   if jax.process_index() == 0:
     shutil.rmtree(tmp, ignore_errors=True)  # left over by an interrupted save
-  model_io._barrier('twins_jax.save_best_model.clean')  # before the others look at tmp
+  model_io._barrier(f'twins_jax.save_{name}.clean')  # before the others look at tmp
   model_io.save_model_dir(tmp, variables, model_kwargs, metadata)  # ends with a barrier
   if jax.process_index() == 0:
     shutil.rmtree(old, ignore_errors=True)
@@ -97,5 +100,5 @@ def save_best_model(workdir, variables: dict, model_kwargs: dict, metadata: dict
       os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
-  model_io._barrier('twins_jax.save_best_model')
+  model_io._barrier(f'twins_jax.save_{name}')
   return final

@@ -696,44 +696,79 @@ class _Batcher:
     return np.zeros((self.image_size, self.image_size, 3), np.float32)
 
 
+LAST_BATCH = ('partial', 'drop')
+
+
 class TrainLoader(_Batcher):
   """Training batches as a pure function of ``(seed, step)``; this host's rows only.
 
   Step ``k`` is batch ``k % steps_per_epoch`` of epoch ``k // steps_per_epoch``; the epoch's
-  order is a permutation drawn from ``(seed, epoch)``. ``drop_remainder=True`` drops the last
-  ``len(source) % global_batch_size`` examples of each (shuffled) epoch; ``False`` completes the
-  last batch with the first examples of the same epoch's order (differently augmented), so that
-  batches keep one static shape and every example is seen at least once per epoch.
+  order is a permutation drawn from ``(seed, epoch)``. ``last_batch`` says what happens to the
+  ``len(source) % global_batch_size`` examples left at the end of an epoch:
+
+  * ``'partial'`` (the reference: PyTorch's ``DataLoader(drop_last=False)``): they form a last,
+    shorter batch, so an epoch is ``ceil(len / B)`` steps and sees every example once (a
+    lone leftover example is dropped: a batch of one can be neither split into a Frozen and
+    an Adaptive half nor batch-normalised);
+  * ``'drop'``: they are skipped this epoch (``len // B`` steps of one static shape).
+
+  ``shard_multiple`` is the number of devices a batch is split over. A partial batch whose
+  size it does not divide cannot be sharded; every host then reads all of its rows (it is
+  computed replicated, see :meth:`sharded`).
   """
 
   def __init__(self, source, global_batch_size: int, seed: int, augment: str = 'none',
                image_size: Optional[int] = None, process_index: int = 0, process_count: int = 1,
-               drop_remainder: bool = True, *, resize_size: Optional[int] = None,
-               num_workers: Optional[int] = None, prefetch: int = 2):
+               last_batch: str = 'partial', *, resize_size: Optional[int] = None,
+               num_workers: Optional[int] = None, prefetch: int = 2,
+               shard_multiple: Optional[int] = None):
     if image_size is None:
       first, _ = source[0]
       image_size = first.shape[0]
     super().__init__(source, augment, image_size, resize_size, num_workers, prefetch)
+    if last_batch not in LAST_BATCH:
+      raise ValueError(f'last_batch must be one of {LAST_BATCH}, got {last_batch!r}')
     self.global_batch_size = int(global_batch_size)
     self.rows = _host_rows(self.global_batch_size, process_index, process_count)
     self.process_index, self.process_count = process_index, process_count
+    self.shard_multiple = int(shard_multiple or process_count)
+    if self.shard_multiple % process_count:
+      raise ValueError(f'shard_multiple ({self.shard_multiple}) must be a multiple of the '
+                       f'number of processes ({process_count})')
     self.seed = _seed_int(seed)
-    self.drop_remainder = bool(drop_remainder)
+    self.last_batch = last_batch
     self.num_examples = len(source)
     if self.num_examples == 0:
       raise ValueError('the training source is empty')
-    if self.drop_remainder and self.num_examples < self.global_batch_size:
+    if last_batch == 'drop' and self.num_examples < self.global_batch_size:
       raise ValueError(f'the training set ({self.num_examples} examples) is smaller than one '
-                       f'batch ({self.global_batch_size}); use drop_remainder=False or a '
+                       f'batch ({self.global_batch_size}); use last_batch="partial" or a '
                        'smaller batch')
     self._perms: dict[int, np.ndarray] = {}
     self._perm_lock = threading.Lock()
 
   @property
   def steps_per_epoch(self) -> int:
-    if self.drop_remainder:
-      return self.num_examples // self.global_batch_size
-    return -(-self.num_examples // self.global_batch_size)
+    full, rest = divmod(self.num_examples, self.global_batch_size)
+    return full + (self.last_batch == 'partial' and rest >= 2)
+
+  def batch_size_at(self, step: int) -> int:
+    """The global size of batch ``step`` (smaller only for a partial last batch)."""
+    k = int(step) % self.steps_per_epoch
+    return min(self.global_batch_size, self.num_examples - k * self.global_batch_size)
+
+  def sharded(self, step: int) -> bool:
+    """Whether batch ``step`` splits evenly over ``shard_multiple`` devices (else every host
+    reads the whole batch and it is computed replicated)."""
+    return self.batch_size_at(step) % self.shard_multiple == 0
+
+  def _host_rows_at(self, step: int) -> range:
+    size = self.batch_size_at(step)
+    if size == self.global_batch_size:
+      return self.rows
+    if not self.sharded(step):
+      return range(size)
+    return _host_rows(size, self.process_index, self.process_count)
 
   @property
   def local_batch_size(self) -> int:
@@ -755,13 +790,13 @@ class TrainLoader(_Batcher):
     if step < 0:
       raise ValueError(f'step must be non-negative, got {step}')
     epoch, k = divmod(int(step), self.steps_per_epoch)
-    positions = k * self.global_batch_size + np.asarray(self.rows, np.int64)
+    positions = k * self.global_batch_size + np.asarray(self._host_rows_at(step), np.int64)
     return epoch, positions
 
   def indices(self, step: int) -> np.ndarray:
     """The source indices of this host's rows of batch ``step``."""
     epoch, positions = self._positions(step)
-    return self.permutation(epoch)[positions % self.num_examples]
+    return self.permutation(epoch)[positions]
 
   def batch(self, step: int) -> dict:
     """This host's share of global batch ``step``: ``image`` float32 NHWC, ``label`` int32."""
@@ -769,7 +804,7 @@ class TrainLoader(_Batcher):
     perm = self.permutation(epoch)
 
     def one(position):
-      image, label = self.source[int(perm[position % self.num_examples])]
+      image, label = self.source[int(perm[position])]
       rng = example_rng(self.seed, epoch, position)
       return transform(image, train=True, augment=self.augment, image_size=self.image_size,
                        resize_size=self.resize_size, rng=rng), label
@@ -887,10 +922,10 @@ class Datasets:
 
   def train_loader(self, global_batch_size: int, seed: Optional[int] = None,
                    process_index: int = 0, process_count: int = 1,
-                   drop_remainder: bool = True, **kwargs) -> TrainLoader:
+                   last_batch: str = 'partial', **kwargs) -> TrainLoader:
     return TrainLoader(self.train, global_batch_size, self.seed if seed is None else seed,
                        self.augment, self.image_size, process_index, process_count,
-                       drop_remainder, resize_size=self.resize_size, **kwargs)
+                       last_batch, resize_size=self.resize_size, **kwargs)
 
   def eval_batches(self, split: str, global_batch_size: int, process_index: int = 0,
                    process_count: int = 1, **kwargs) -> EvalBatches:
@@ -920,7 +955,7 @@ def build_datasets(config: Any) -> Datasets:
   """Train / val / test sources from ``config`` (an ``ml_collections.ConfigDict`` or dict).
 
   Fields (defaults): ``dataset`` (required; one of :data:`DATASETS`), ``data_dir`` (None: TFDS's
-  default), ``folder_train`` / ``folder_test`` (for ``'folder'``), ``val_fraction`` (0.05),
+  default), ``folder_train`` / ``folder_test`` (for ``'folder'``), ``val_fraction`` (0: none),
   ``seed`` (0), ``digits_classes`` (None: all ten), ``augment`` ('cifar' for CIFAR, 'imagenet'
   for the high-resolution and folder datasets, 'none' for digits), ``image_size`` (32 for CIFAR
   and digits, 224 otherwise), ``resize_size`` (256 for 224, in proportion otherwise).
@@ -928,7 +963,7 @@ def build_datasets(config: Any) -> Datasets:
   name = _cfg(config, 'dataset')
   if name not in DATASETS:
     raise ValueError(f'unknown dataset {name!r}; valid datasets: {", ".join(DATASETS)}')
-  val_fraction = _cfg(config, 'val_fraction', 0.05)
+  val_fraction = _cfg(config, 'val_fraction', 0.0)
   _check_val_fraction(val_fraction)
   val_fraction = float(val_fraction)
   seed = _seed_int(_cfg(config, 'seed', 0))

@@ -1,11 +1,11 @@
 """Evaluation of a trained or ported model: clean, PGD-k and AutoAttack accuracy.
 
   python main.py --config=configs/cifar10.py --workdir=runs/eval --config.mode=eval \
-      --config.pretrained=runs/cifar10/best_model --config.autoattack=standard
+      --config.pretrained=runs/cifar10 --config.autoattack=standard
 
-``config.pretrained`` may be a model directory, a training workdir (its
-``best_model`` is used) or a PyTorch checkpoint (ported on the fly). Every report
-carries RobustBench-style sanity flags against gradient masking: PGD with eps = 0
+``config.pretrained`` may be a model directory, a training workdir (its ``best_model``,
+or else its ``final_model``, is used) or a PyTorch checkpoint (ported on the fly). Every
+report carries RobustBench-style sanity flags against gradient masking: PGD with eps = 0
 gives the clean accuracy; AutoAttack <= PGD <= clean; accuracy does not rise with eps.
 """
 
@@ -110,8 +110,9 @@ def evaluate_config(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     raise ValueError("config.mode='eval' needs config.pretrained: a model directory, a "
                      'training workdir or a PyTorch checkpoint.')
   src = Path(config.pretrained).expanduser()
-  if (src / 'best_model').is_dir():
-    src = src / 'best_model'
+  if src.is_dir():
+    from twins_jax import model_io
+    src = model_io.resolve_model_dir(src)
   mesh = parallel.data_mesh()
   datasets = data.build_datasets(train.data_config(config))
   log.info('%s', datasets.describe())

@@ -164,6 +164,27 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+RUN_MODELS = ('best_model', 'final_model')
+
+
+def resolve_model_dir(path) -> Path:
+  """The model directory that ``path`` names: a model directory (ported, or written by
+  training), or a training workdir, whose ``best_model`` (best validation robust accuracy,
+  when the run held out a validation split) or else ``final_model`` is used."""
+  path = Path(path).expanduser()
+  if not path.exists():
+    raise ModelDirError(f'model directory {path} does not exist.')
+  if (path / MODEL_JSON).is_file():
+    return path
+  for name in RUN_MODELS:
+    if (path / name / MODEL_JSON).is_file():
+      return path / name
+  raise ModelDirError(
+      f'{path} is neither a model directory (no {MODEL_JSON}) nor a training workdir with a '
+      'best_model/ or final_model/; make one with `python -m twins_jax.port`, '
+      'twins_jax.model_io.save_model_dir or main.py.')
+
+
 def read_model_json(path) -> dict:
   """The parsed and checked ``model.json`` of a model directory."""
   path = Path(path)

@@ -53,13 +53,15 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, replicated(mesh))
 
 
-def shard_batch(local_batch: dict, mesh: Mesh) -> dict:
+def shard_batch(local_batch: dict, mesh: Mesh, replicate: bool = False) -> dict:
   """Turns this process's part of the batch into global arrays sharded on ``data``.
 
   On one host ``local_batch`` is the whole batch; on several hosts each passes its
   own contiguous shard (host ``i`` holds rows ``i * n_local ... (i + 1) * n_local``).
+  ``replicate``: every host passes the whole batch, which is placed on every device
+  (for a batch that does not split evenly over the devices).
   """
-  sharding = batch_sharding(mesh)
+  sharding = replicated(mesh) if replicate else batch_sharding(mesh)
   return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)),
                       local_batch)
 
@@ -76,9 +78,14 @@ def fetch(tree: Any) -> Any:
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def jit_train_step(train_step: Callable, mesh: Mesh, donate: bool = True) -> Callable:
-  """``train_step(state, batch, key)`` jitted for the mesh; the state's buffers are donated."""
-  repl, data = replicated(mesh), batch_sharding(mesh)
+def jit_train_step(train_step: Callable, mesh: Mesh, donate: bool = True,
+                   shard_batch: bool = True) -> Callable:
+  """``train_step(state, batch, key)`` jitted for the mesh; the state's buffers are donated.
+
+  ``shard_batch=False``: the batch comes replicated (see :func:`shard_batch`).
+  """
+  repl = replicated(mesh)
+  data = batch_sharding(mesh) if shard_batch else repl
   return jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
                  donate_argnums=(0,) if donate else ())
 

@@ -29,21 +29,7 @@ from twins_jax import model_io
 from twins_jax import models
 
 
-def resolve_model_dir(path) -> Path:
-  """The model directory that ``path`` names: a model directory (ported, or exported
-  by training), or a training workdir, whose ``best_model`` (best validation robust
-  accuracy) is used."""
-  path = Path(path)
-  if not path.exists():
-    raise model_io.ModelDirError(f'model directory {path} does not exist.')
-  if (path / model_io.MODEL_JSON).is_file():
-    return path
-  if (path / 'best_model' / model_io.MODEL_JSON).is_file():
-    return path / 'best_model'
-  raise model_io.ModelDirError(
-      f'{path} is neither a model directory (no {model_io.MODEL_JSON}) nor a training '
-      'workdir with a best_model/; make one with `python -m twins_jax.port`, '
-      'twins_jax.model_io.save_model_dir or main.py.')
+resolve_model_dir = model_io.resolve_model_dir
 
 
 def validate_images(images, name: str = 'images') -> np.ndarray:

@@ -121,13 +121,28 @@ def results_table(results: dict, config) -> str:
     if has_aa:
       row += f' {_pct(r.get("autoattack_acc"))} |'
     lines.append(row)
-  best = results.get('best_validation')
-  n = next(iter(results['test'].values()))['num_examples']
-  lines += ['', f'{n} test examples. "best" is chosen by PGD accuracy on the held-out '
-            f'validation split' + (f' (epoch {best["epoch"]:g}, validation PGD '
-                                   f'{_pct(best["pgd_acc"])} %)' if best else '') +
-            '; "last" is the final model.']
+  lines += ['', f'{next(iter(results["test"].values()))["num_examples"]} test examples. '
+            + protocol_note(results)]
   return '\n'.join(lines)
+
+
+def protocol_note(results: dict) -> str:
+  """Which protocol produced the table: the reference's (every training image, the final
+  model) or model selection on a held-out validation split."""
+  proto = results.get('protocol', {})
+  n_train = proto.get('train_examples')
+  trained = (f'Trained on {n_train} images, {proto.get("steps_per_epoch")} steps per epoch '
+             f'(last batch: {proto.get("last_batch")}). ') if n_train else ''
+  best = results.get('best_validation')
+  if 'best' not in results['test']:
+    return (trained + 'Protocol: the reference\'s (all training images, no validation '
+            'split, the final model reported; set config.val_fraction > 0 to select a best '
+            'model on a held-out validation split).')
+  return (trained + f'Protocol: model selection on a validation split of '
+          f'{proto.get("val_examples", "?")} images held out of the training set '
+          f'(val_fraction={proto.get("val_fraction")}). "best" has the best validation PGD '
+          f'accuracy' + (f' (epoch {best["epoch"]:g}, validation PGD {_pct(best["pgd_acc"])} %)'
+                         if best else '') + '; "last" is the final model.')
 
 
 def plot_curves(workdir) -> list[Path]:

@@ -50,6 +50,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for name in ('lr', 'eps', 'alpha'):
     if config[name] < 0:
       raise ValueError(f'config.{name} must be non-negative, got {config[name]}.')
+  if config.last_batch not in data.LAST_BATCH:
+    raise ValueError(f'config.last_batch={config.last_batch!r}; choose one of {data.LAST_BATCH}.')
   if config.conv_impl not in models.CONV_IMPLS:
     raise ValueError(f'config.conv_impl={config.conv_impl!r}; choose one of '
                      f'{models.CONV_IMPLS}.')
@@ -101,6 +103,7 @@ def initial_variables(config, kwargs: dict) -> tuple[dict, str]:
     return models.init_variables(model, config.seed), 'random initialisation (no config.pretrained)'
   path = Path(os.path.expanduser(src))
   if path.is_dir():
+    path = model_io.resolve_model_dir(path)
     _, variables, meta = model_io.load_model_dir(path)
     src_kwargs = meta['model_kwargs']
     if src_kwargs['arch'] != kwargs['arch']:
@@ -220,7 +223,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                               conv_impl=config.conv_impl)
 
   loader = datasets.train_loader(config.batch_size, seed=config.seed, process_index=proc,
-                                 process_count=n_proc)
+                                 process_count=n_proc, last_batch=config.last_batch,
+                                 shard_multiple=mesh.devices.size)
   steps_per_epoch = loader.steps_per_epoch
   if steps_per_epoch == 0:
     raise ValueError(f'The training split ({len(datasets.train)} examples) is smaller than one '
@@ -229,15 +233,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   boundaries = [int(e * steps_per_epoch) for e in config.lr_milestones]
   tx, schedule = step_lib.make_optimizer(config.lr, config.weight_decay, config.momentum,
                                          boundaries, config.lr_gamma)
-  train_step = parallel.jit_train_step(
-      step_lib.make_train_step(model, tx, step_config(config), schedule), mesh)
+  step_fn = step_lib.make_train_step(model, tx, step_config(config), schedule)
+  train_step = parallel.jit_train_step(step_fn, mesh)
+  replicated_step = None  # for a partial batch that does not split over the devices
   evaluator = Evaluator(model, config, mesh)
 
   ckpts = checkpointing.RunCheckpoints(workdir, keep=config.keep_checkpoints,
                                        async_save=config.async_checkpoints)
-  if checkpointing.recover_best_model(workdir):
-    log.warning('best_model recovered from best_model.old (an earlier save was interrupted '
-                'between its two renames).')
+  for name in model_io.RUN_MODELS:
+    if checkpointing.recover_best_model(workdir, name):
+      log.warning('%s recovered from %s.old (an earlier save was interrupted between its two '
+                  'renames).', name, name)
   abstract_state = jax.eval_shape(
       lambda: step_lib.TrainState.create(
           model_io.abstract_variables(models.create_model(**kwargs)), tx))
@@ -273,9 +279,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   t_log, n_log = time.perf_counter(), 0
   try:
     for step in range(start_step, total_steps):
-      batch = parallel.shard_batch(next(batches), mesh)
-      state, metrics = train_step(state, batch, jax.random.fold_in(train_key, step))
-      n_log += 1
+      sharded = loader.sharded(step)
+      batch = parallel.shard_batch(next(batches), mesh, replicate=not sharded)
+      if not sharded and replicated_step is None:
+        replicated_step = parallel.jit_train_step(step_fn, mesh, shard_batch=False)
+      state, metrics = (train_step if sharded else replicated_step)(
+          state, batch, jax.random.fold_in(train_key, step))
+      n_log += loader.batch_size_at(step)
       done = step + 1
       bar.update(done)
       if done % log_every == 0 or done == total_steps:
@@ -286,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
               f'Non-finite training metrics at step {done}: {bad}. Stopping; {last_good()}. '
               'Try a lower config.lr or check the data.')
         elapsed = time.perf_counter() - t_log
-        metrics['images_per_sec'] = n_log * config.batch_size / max(elapsed, 1e-9)
+        metrics['images_per_sec'] = n_log / max(elapsed, 1e-9)
         metrics['epoch'] = done / steps_per_epoch
         writer.write(done, {f'train/{k}': v for k, v in metrics.items()})
         bar.set_postfix(loss=metrics['loss'], img_s=metrics['images_per_sec'])
@@ -324,14 +334,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   ckpts.close()
   writer.close()
 
+  final_path = workdir / 'final_model'
+  if not (final_path / model_io.MODEL_JSON).is_file() or model_io.read_model_json(
+      final_path)['metadata'].get('step') != total_steps:
+    checkpointing.save_best_model(workdir, state.variables, kwargs,
+                                  {'run': str(workdir), 'method': config.method,
+                                   'step': total_steps}, name='final_model')
+  protocol = {'train_examples': len(datasets.train), 'steps_per_epoch': steps_per_epoch,
+              'last_batch': config.last_batch, 'val_fraction': datasets.val_fraction,
+              'val_examples': 0 if datasets.val is None else len(datasets.val)}
   results = final_report(config, workdir, model, state, datasets, evaluator, eval_key, kwargs,
-                         progress_record, mesh)
+                         progress_record, mesh, protocol)
   return results
 
 
 def final_report(config, workdir: Path, model, state, datasets, evaluator, key, kwargs,
-                 progress_record, mesh) -> dict:
-  """Test-set accuracy of the best (by validation) and the last model; table and plots."""
+                 progress_record, mesh, protocol: dict) -> dict:
+  """Test-set accuracy of the last model (and of the best by validation, when a validation
+  split was held out); table and plots."""
   n_proc, proc = jax.process_count(), jax.process_index()
   candidates = {'last': state.variables}
   if (workdir / 'best_model').is_dir():
@@ -347,7 +367,8 @@ def final_report(config, workdir: Path, model, state, datasets, evaluator, key, 
     rows[name] = test
   results = {'method': config.method, 'dataset': config.dataset, 'workdir': str(workdir),
              'steps': int(jax.device_get(state.step)), 'source': progress_record.get('source'),
-             'best_validation': progress_record.get('best'), 'test': rows}
+             'best_validation': progress_record.get('best'), 'test': rows,
+             'protocol': protocol}
   if proc == 0:
     (workdir / 'results.json').write_text(json.dumps(results, indent=2))
     table = reporting.results_table(results, config)
