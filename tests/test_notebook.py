@@ -27,10 +27,11 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / 'notebooks' / 'demo.ipynb'
 KERNEL = 'twins-jax-test'
-# Three classes per task at 16x16 (5 steps of 64 per epoch), one epoch per stage, PGD-1/2.
+# Three classes per task at 16x16 (6 steps of 64 per epoch), one epoch per stage, PGD-1/2,
+# two seeds per method.
 DEMO_FLAGS = ('--config.source_classes=(0,1,2) --config.target_classes=(5,6,7) '
               '--config.source_epochs=1 --config.target_epochs=1 --config.image_size=16 '
-              '--config.attack_steps=1 --config.eval_attack_steps=2')
+              '--config.attack_steps=1 --config.eval_attack_steps=2 --config.seeds=(0,1)')
 
 
 def _kernelspec(root: Path) -> None:
@@ -94,4 +95,5 @@ def test_demo_notebook_runs_and_shows_the_results(tmp_path, monkeypatch, request
   assert '| fine-tuning |' in table and '| twins_at |' in table and '| at |' in table
   assert 'digits (5, 6, 7)' in table  # the flags reached the demo
   assert pngs >= 1
-  assert (workdir / 'twins_at' / 'curves_accuracy.png').exists()
+  assert (workdir / 'effective_lr.png').exists()
+  assert (workdir / 'twins_at_seed1' / 'curves_accuracy.png').exists()
