@@ -2,13 +2,15 @@
 
 JAX: ``step.make_train_step`` jitted by ``parallel.jit_train_step`` on a mesh of every
 local device (the state donated, the batch sharded), exactly what ``main.py`` trains
-with. PyTorch: ``reference_step`` of ``tests/torch_reference.py``, the step the parity
-tests prove we equal (a twin ResNet, SGD with momentum and coupled weight decay),
+with. PyTorch: the official training iteration rebuilt in ``tests/torch_reference.py``
+(``ITERATIONS[method]``), the step the parity tests prove we equal (the official twin-BN
+ResNet, SGD with momentum and coupled weight decay),
 ``torch.set_num_threads`` = the cores this process may use. Both start from random
 weights (the throughput does not depend on the values), see the same batch, and run
 alternately: ``--repeats`` rounds of ``--steps-per-repeat`` steps of each, after one
 warm-up step each; the medians are reported. The same is done for the PGD evaluation
-(clean forward, PGD, adversarial forward of the Adaptive Net in eval mode).
+(clean forward, PGD, adversarial forward of the Adaptive Net in eval mode; PyTorch: the
+official ``Trainer.test``).
 
 FLOPs: ``model`` FLOPs are analytic: F, the FLOPs of one forward per image (2 per
 multiply-add of every convolution and the linear layer, ``common.analytic_forward_flops``),
@@ -210,7 +212,6 @@ def run_jax(args, x, y):
 def run_torch(args, x, y):
   import numpy as np
   import torch
-  import torch.nn.functional as F
 
   import torch_reference as ref
 
@@ -218,32 +219,31 @@ def run_torch(args, x, y):
   if device.type == 'cpu':
     torch.set_num_threads(len(os.sched_getaffinity(0)))
   else:
-    # reference_step draws its random start with torch.rand(...) on the default device.
-    torch.set_default_device(device)
     torch.backends.cudnn.benchmark = True
   torch.manual_seed(0)
   resize = None if args.resize == 'none' else int(args.resize)
-  model = getattr(ref, args.arch)(num_classes=args.num_classes, resize=resize)
-  ref.make_twin(model)
+  # The official twin-BN ResNet (AdvResNet) and the official training iteration / test().
+  model = getattr(ref, 'twin_' + args.arch)(num_classes=args.num_classes, resize=resize)
   model.to(device)
-  optimizer, scheduler = ref.make_optimizer(model, 0.003, 1e-5, milestones_in_steps=(1000,))
+  ref_args = ref.Args(epsilon=8 / 255, alpha=2 / 255, k=args.attack_steps, batch_size=args.batch,
+                      num_classes=args.num_classes, learning_rate=0.003, weight_decay=1e-5,
+                      lambda_twins=1.0)
+  attack = ref.make_attack(model, ref_args)
+  optimizer, scheduler = ref.make_optimizer(model, ref_args, milestones=(1000,))
+  iteration = ref.ITERATIONS[args.method]
   xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device)
   yt = torch.from_numpy(y.astype(np.int64)).to(device)
   if args.dtype == 'bfloat16' and args.no_jax:
     print('note: the PyTorch reference step runs in float32 (it has no bfloat16 mode)')
-  attack = dict(eps=8 / 255, alpha=2 / 255, steps=args.attack_steps, random_start=True)
   sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
 
-  def step():
-    return ref.reference_step(model, optimizer, xt, yt, method=args.method,
-                              scheduler=scheduler, **attack)
+  def step():  # random start: the official float32 CPU draw, moved to the device
+    return iteration(model, attack, optimizer, scheduler, xt, yt, ref_args)
 
-  def evaluate():
-    x_adv = ref.pgd_attack(model, xt, yt, **attack)  # leaves the model in eval mode
-    with torch.no_grad():
-      clean = (model(xt).argmax(1) == yt)
-      robust = (model(x_adv).argmax(1) == yt)
-    return clean, robust
+  def evaluate():  # Trainer.test: clean and PGD (no random start), Adaptive Net in eval mode
+    record = []
+    ref.test(model, attack, [(xt, yt)], adv_test=True, record=record)
+    return record[0]
 
   step()  # warm-up
   if args.eval:
