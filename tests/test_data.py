@@ -1,4 +1,4 @@
-"""Tests of the input pipeline (twins_jax/data.py): small, CPU only, no network."""
+"""Tests of the input pipeline (twins_jax/data/): small, CPU only, no network."""
 
 import collections
 import contextlib
@@ -39,6 +39,45 @@ def concat_hosts(batches):
   return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
+class Loader:
+  """A training pipeline over ``source`` seen step by step: ``batch(k)`` is the grain
+  pipeline's element for step ``k`` (built from that step, as a resumed run does)."""
+
+  def __init__(self, source, global_batch_size, seed, augment='none', image_size=None,
+               process_index=0, process_count=1, last_batch='partial', shard_multiple=None,
+               resize_size=None, worker_count=0, threads=1):
+    self.plan = data.TrainPlan(len(source), global_batch_size, last_batch, process_index,
+                               process_count, shard_multiple)
+    self.source, self.seed = source, seed
+    self.options = dict(augment=augment, resize_size=resize_size, worker_count=worker_count,
+                        threads=threads,
+                        image_size=image_size or source[0][0].shape[0])
+    self.steps_per_epoch = self.plan.steps_per_epoch
+
+  def iterate(self, start_step, num_steps):
+    return data.Batches(data.train_pipeline(self.source, self.plan, seed=self.seed,
+                                            start_step=start_step, num_steps=num_steps,
+                                            **self.options), num_steps)
+
+  def batch(self, step):
+    (out,) = list(self.iterate(step, 1))
+    return out
+
+  def indices(self, step):
+    """The source indices of this host's rows of batch ``step``."""
+    epoch, positions = self.plan.host_positions(step)
+    return data.epoch_permutation(self.seed, epoch, len(self.source))[positions]
+
+
+def ds_loader(ds, batch, **kw):
+  return Loader(ds.train, batch, ds.seed, ds.augment, ds.image_size, resize_size=ds.resize_size,
+                **kw)
+
+
+def eval_list(source, batch, **kw):
+  return list(data.eval_pipeline(source, batch, **kw))
+
+
 def random_source(n, size=32, seed=0, num_classes=10):
   rng = np.random.default_rng(seed)
   images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
@@ -56,7 +95,7 @@ def test_cifar10_mock_pipeline():
     assert (len(ds.train), len(ds.val), len(ds.test)) == (45, 5, 50)
     assert 'cifar10' in ds.describe() and 'val 5' in ds.describe()
 
-    loader = ds.train_loader(16, last_batch='drop')
+    loader = ds_loader(ds, 16, last_batch='drop')
     assert loader.steps_per_epoch == 2
     batch = loader.batch(3)
     assert batch['image'].shape == (16, 32, 32, 3) and batch['image'].dtype == np.float32
@@ -66,8 +105,8 @@ def test_cifar10_mock_pipeline():
     assert ((0 <= batch['label']) & (batch['label'] < 10)).all()
 
     # Resume: a fresh loader gives the same batches; two hosts' shares give the global batch.
-    again = ds.train_loader(16, last_batch='drop')
-    hosts = [ds.train_loader(16, process_index=i, process_count=2, last_batch='drop')
+    again = ds_loader(ds, 16, last_batch='drop')
+    hosts = [ds_loader(ds, 16, process_index=i, process_count=2, last_batch='drop')
              for i in range(2)]
     for step in (0, 1, 2, 5):
       assert_batches_equal(loader.batch(step), again.batch(step))
@@ -84,9 +123,9 @@ def test_high_resolution_mock_with_imagenet_augmentation():
                                     val_fraction=0.125, seed=1))
     assert (birds.num_classes, birds.augment, birds.image_size) == (200, 'imagenet', 24)
     assert (len(birds.train), len(birds.val), len(birds.test)) == (21, 3, 24)
-    one = birds.train_loader(8, num_workers=1)
-    two = [birds.train_loader(8, process_index=i, process_count=2, num_workers=2)
-           for i in range(2)]
+    # (Mocked TFDS exists in this process only, so no worker processes here; threads.)
+    one = ds_loader(birds, 8)
+    two = [ds_loader(birds, 8, process_index=i, process_count=2, threads=2) for i in range(2)]
     assert one.steps_per_epoch == 3 and one.batch(2)['image'].shape == (5, 24, 24, 3)
     for step in (0, 3, 4):
       b = one.batch(step)
@@ -101,7 +140,7 @@ def test_high_resolution_mock_with_imagenet_augmentation():
     assert dtd.num_classes == 47
     # DTD's training pool is train + validation of the official split.
     assert len(dtd.train) + len(dtd.val) == 48 and len(dtd.test) == 24
-    assert dtd.train_loader(8).batch(0)['image'].shape == (8, 16, 16, 3)
+    assert ds_loader(dtd, 8).batch(0)['image'].shape == (8, 16, 16, 3)
 
     dogs = data.build_datasets(cfg(dataset='stanford_dogs', image_size=16))
     assert dogs.num_classes == 120
@@ -143,8 +182,11 @@ def test_prepared_tfds_dataset_is_read_without_tensorflow(tmp_path):
     for c in range(3):  # grayscale -> 3 equal channels, lossless PNG round trip
       np.testing.assert_array_equal(image[:, :, c], tiny_gray_image(6, i))
   assert seen == set(range(6))
-  batch = data.TrainLoader(source, 4, seed=0, augment='imagenet', image_size=8).batch(0)
+  batch = Loader(source, 4, seed=0, augment='imagenet', image_size=8).batch(0)
   assert batch['image'].shape == (4, 8, 8, 3)
+  # A worker process reopens the prepared dataset by name and reads the same batch.
+  assert_batches_equal(batch, Loader(source, 4, seed=0, augment='imagenet', image_size=8,
+                                     worker_count=1).batch(0))
 
 
 def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
@@ -187,12 +229,12 @@ def test_val_split_disjoint_sized_and_seeded():
 
 def test_train_loader_resume_hosts_and_epochs():
   source = random_source(40, size=8)
-  make = lambda **kw: data.TrainLoader(source, 8, seed=5, augment='cifar', image_size=8, **kw)
+  make = lambda **kw: Loader(source, 8, seed=5, augment='cifar', image_size=8, **kw)
   loader = make()
   assert loader.steps_per_epoch == 5
   steps = [0, 4, 5, 11, 23]
   reference = all_train_batches(loader, steps)
-  for other in (make(), make(num_workers=3)):
+  for other in (make(), make(threads=3)):
     for ref, b in zip(reference, all_train_batches(other, steps)):
       assert_batches_equal(ref, b)
   for count in (2, 4):
@@ -212,32 +254,34 @@ def test_train_loader_resume_hosts_and_epochs():
   epoch1 = np.concatenate([loader.indices(k) for k in range(5, 10)])
   assert sorted(epoch0) == list(range(40)) and sorted(epoch1) == list(range(40))
   assert not np.array_equal(epoch0, epoch1)
-  other_seed = data.TrainLoader(source, 8, seed=6, augment='cifar', image_size=8)
+  other_seed = Loader(source, 8, seed=6, augment='cifar', image_size=8)
   assert not np.array_equal(other_seed.batch(0)['image'], reference[0]['image'])
 
 
 def test_last_batch_partial_or_dropped_and_iterator_close():
   source = random_source(10, size=4)
-  dropping = data.TrainLoader(source, 4, seed=0, last_batch='drop')
+  dropping = Loader(source, 4, seed=0, last_batch='drop')
   assert dropping.steps_per_epoch == 2
   assert len(set(np.concatenate([dropping.indices(k) for k in range(2)]))) == 8
   # The reference (DataLoader(drop_last=False)): ceil(10 / 4) = 3 steps, the last one of 2.
-  keeping = data.TrainLoader(source, 4, seed=0)
-  assert keeping.last_batch == 'partial' and keeping.steps_per_epoch == 3
-  assert [keeping.batch_size_at(k) for k in range(6)] == [4, 4, 2, 4, 4, 2]
+  keeping = Loader(source, 4, seed=0)
+  assert keeping.plan.last_batch == 'partial' and keeping.steps_per_epoch == 3
+  assert [keeping.plan.batch_size_at(k) for k in range(6)] == [4, 4, 2, 4, 4, 2]
   seen = np.concatenate([keeping.indices(k) for k in range(3)])
   assert len(seen) == 10 and set(seen) == set(range(10))
   assert keeping.batch(2)['image'].shape == (2, 4, 4, 3)
   assert keeping.batch(5)['label'].shape == (2,)
   # A lone leftover example is dropped (it could be neither split nor batch-normalised).
-  assert data.TrainLoader(random_source(9, size=4), 4, seed=0).steps_per_epoch == 2
+  assert Loader(random_source(9, size=4), 4, seed=0).steps_per_epoch == 2
 
-  forever = keeping.iterate(start_step=0)
-  first = [next(forever) for _ in range(5)]
-  forever.close()
+  several = keeping.iterate(0, 6)
+  first = [next(several) for _ in range(5)]
+  several.close()
   assert_batches_equal(first[4], keeping.batch(4))
+  ended = keeping.iterate(4, 2)
+  assert len(list(ended)) == 2
   with pytest.raises(StopIteration):
-    next(forever)
+    next(ended)
 
 
 @pytest.mark.parametrize('shard_multiple', [2, 8])
@@ -245,30 +289,46 @@ def test_partial_batch_host_rows(shard_multiple):
   """Two hosts' shares of a partial batch make the global batch; one that does not split
   over the devices is read whole by every host (it is then computed replicated)."""
   source = random_source(22, size=4)  # batches of 8: 8, 8, 6
-  make = lambda **kw: data.TrainLoader(source, 8, seed=1, shard_multiple=shard_multiple, **kw)
+  make = lambda **kw: Loader(source, 8, seed=1, shard_multiple=shard_multiple, **kw)
   single = make(process_count=1, process_index=0)
   hosts = [make(process_index=i, process_count=2) for i in range(2)]
   assert single.steps_per_epoch == 3
   for step in range(6):
-    size = single.batch_size_at(step)
+    size = single.plan.batch_size_at(step)
     parts = [h.batch(step) for h in hosts]
     if size % shard_multiple:
-      assert not hosts[0].sharded(step)
+      assert not hosts[0].plan.sharded(step)
       for p in parts:
         assert_batches_equal(single.batch(step), p)
     else:
-      assert hosts[0].sharded(step)
+      assert hosts[0].plan.sharded(step)
       assert_batches_equal(single.batch(step), concat_hosts(parts))
 
 
-def test_errors_in_workers_reach_the_consumer():
-  class Broken(data.ArraySource):
-    def __getitem__(self, i):
-      raise RuntimeError('cannot decode example')
+class Broken(data.ArraySource):
+  def __getitem__(self, i):
+    raise RuntimeError('cannot decode example')
 
+
+@pytest.mark.parametrize('worker_count', [0, 1])
+def test_errors_in_workers_reach_the_consumer(worker_count):
   broken = Broken(np.zeros((8, 4, 4, 3), np.uint8), np.zeros(8))
   with pytest.raises(RuntimeError, match='cannot decode'):
-    next(data.TrainLoader(broken, 4, seed=0, image_size=4).iterate(0, 2))
+    next(Loader(broken, 4, seed=0, image_size=4, worker_count=worker_count).iterate(0, 2))
+
+
+def test_worker_processes_and_threads_change_nothing():
+  """Every batch is the same with grain worker processes, threads, or neither."""
+  source = random_source(45, size=12, seed=3)
+  make = lambda **kw: Loader(source, 16, seed=2, augment='cifar', image_size=12, **kw)
+  reference = list(make().iterate(0, 6))
+  assert [len(b['label']) for b in reference] == [16, 16, 13] * 2
+  for options in (dict(worker_count=2), dict(threads=3), dict(worker_count=1, threads=2)):
+    for ref, b in zip(reference, make(**options).iterate(0, 6)):
+      assert_batches_equal(ref, b)
+  # A restart at any step continues identically.
+  for ref, b in zip(reference[4:], make(worker_count=2).iterate(4, 2)):
+    assert_batches_equal(ref, b)
 
 
 # ------------------------------------------------------------------------------------------
@@ -279,10 +339,9 @@ def test_eval_covers_every_example_once(process_count):
   n, batch = 37, 8
   images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
   source = data.ArraySource(images, np.arange(n), num_classes=n)
-  hosts = [data.eval_batches(source, batch, image_size=4, process_index=i,
-                             process_count=process_count) for i in range(process_count)]
-  assert all(h.num_batches == 5 and len(h) == 5 for h in hosts)
-  per_host = [list(h) for h in hosts]
+  per_host = [eval_list(source, batch, image_size=4, process_index=i,
+                        process_count=process_count) for i in range(process_count)]
+  assert data.num_eval_batches(n, batch) == 5 and all(len(h) == 5 for h in per_host)
   merged = [concat_hosts(parts) for parts in zip(*per_host)]
   assert all(b['image'].shape == (batch, 4, 4, 3) for b in merged)
   assert all(p['image'].shape[0] == batch // process_count for h in per_host for p in h)
@@ -301,7 +360,7 @@ def test_eval_covers_every_example_once(process_count):
 
 def test_cifar_augmentation_matches_manual_reference():
   source = random_source(32, size=32, seed=4)
-  loader = data.TrainLoader(source, 16, seed=11, augment='cifar', image_size=32)
+  loader = Loader(source, 16, seed=11, augment='cifar', image_size=32)
   step = loader.steps_per_epoch + 1  # epoch 1, second batch
   batch = loader.batch(step)
   indices = loader.indices(step)
@@ -326,7 +385,7 @@ def test_cifar_augmentation_matches_manual_reference():
     flipped += flip
   assert shifted >= 8 and 2 <= flipped <= 14
   # Evaluation does not augment.
-  evaluation = next(iter(data.eval_batches(source, 4, image_size=32, augment='cifar')))
+  evaluation = next(iter(eval_list(source, 4, image_size=32, augment='cifar')))
   np.testing.assert_array_equal(evaluation['image'][2], source[2][0] / np.float32(255))
 
 
@@ -396,7 +455,7 @@ def test_digits_source_subsets_and_upsampling():
   assert images(a.train) + images(a.val) + images(a.test) == images(
       data.digits_source(size=32, classes=[0, 1, 2, 3, 4]))
   assert images(a.val) != images(b.val)
-  batch = a.train_loader(16).batch(0)
+  batch = ds_loader(a, 16).batch(0)
   assert batch['image'].shape == (16, 32, 32, 3) and set(batch['label']) <= set(range(5))
   others = data.build_datasets(cfg(dataset='digits', digits_classes=[5, 6, 7, 8, 9]))
   assert others.num_classes == 5 and set(others.test.labels) == set(range(5))
@@ -427,7 +486,7 @@ def test_image_folder_dataset(tmp_path):
   gray = pool[0][0]  # img0.jpg sorts first in a_cat
   assert pool.files[0].endswith('img0.jpg') and gray.shape == (21, 22, 3)
   assert (gray[:, :, 0] == gray[:, :, 1]).all()
-  batch = ds.train_loader(3).batch(0)
+  batch = ds_loader(ds, 3).batch(0)
   assert batch['image'].shape == (3, 16, 16, 3) and batch['image'].dtype == np.float32
   evals = list(ds.eval_batches('test', 4))
   assert len(evals) == 1 and list(evals[0]['label']) == [0, 1, 2, 0]
@@ -464,10 +523,10 @@ def test_configuration_errors(tmp_path):
     data.build_datasets(cfg(dataset='digits', digits_classes=[3, 10]))
   source = random_source(12, size=4)
   with pytest.raises(ValueError, match='divisible by the number of processes'):
-    data.TrainLoader(source, 6, seed=0, process_index=0, process_count=4)
+    Loader(source, 6, seed=0, process_index=0, process_count=4)
   with pytest.raises(ValueError, match='divisible by the number of processes'):
-    data.eval_batches(source, 6, image_size=4, process_count=4)
+    eval_list(source, 6, image_size=4, process_count=4)
   with pytest.raises(ValueError, match='smaller than one batch'):
-    data.TrainLoader(source, 16, seed=0, last_batch='drop')
+    Loader(source, 16, seed=0, last_batch='drop')
   with pytest.raises(ValueError, match='last_batch must be one of'):
-    data.TrainLoader(source, 4, seed=0, last_batch='fill')
+    Loader(source, 4, seed=0, last_batch='fill')
