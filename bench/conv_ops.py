@@ -50,7 +50,7 @@ def main():
   p.add_argument('--xla-flags', default='')
   p.add_argument('--only', default='')
   p.add_argument('--impl', default='xla', choices=('xla', 'matmul'),
-                 help="JAX convolution: lax.conv ('xla') or models.matmul_conv")
+                 help="JAX convolution: lax.conv ('xla') or speed.matmul_conv")
   args = p.parse_args()
   if args.xla_flags:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + args.xla_flags).strip()
@@ -77,8 +77,8 @@ def main():
 
     def conv(x, w):
       if args.impl == 'matmul':
-        from twins_jax import models
-        return models.matmul_conv(x, w, stride, pad)
+        from twins_jax import speed
+        return speed.matmul_conv(x, w, stride, pad)
       return jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
                                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 

@@ -1,10 +1,10 @@
 """Speed levers of BENCHMARKS.md keep the numbers: convolutions as matrix products, BN
 folding for the attack, XLA flags.
 
-``models.matmul_conv`` (what ``conv_impl='auto'`` uses on CPU for 1x1 kernels and small
+``speed.matmul_conv`` (what ``conv_impl='auto'`` uses on CPU for 1x1 kernels and small
 maps) is the same function as ``lax.conv``: equal values and gradients in float64, and
 the same variables (names, shapes, initial values) whatever ``conv_impl``.
-Folding the Adaptive Net's eval-mode BN into the convolutions (``models.fold_eval_bn``,
+Folding the Adaptive Net's eval-mode BN into the convolutions (``speed.fold_eval_bn``,
 ``mode='folded'``) computes the same function with different rounding: in float64 the
 logits, the PGD examples and a whole training step agree to ~1e-12; in float32 the
 logits agree to float32 precision.
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import flax_torch
-from twins_jax import attacks, models, xla_flags
+from twins_jax import attacks, models, speed, xla_flags
 from twins_jax import step as step_lib
 
 
@@ -38,7 +38,7 @@ def _setup(dtype_name: str, twin: bool):
 def test_folded_logits_equal_eval_float64(twin):
   with jax.enable_x64(True):
     model, variables, x, _ = _setup('float64', twin)
-    folded = models.fold_eval_bn(variables)
+    folded = speed.fold_eval_bn(variables)
     ref = model.apply(variables, x, mode=models.EVAL)
     out = model.apply(folded, x, mode=models.FOLDED)
     assert out.dtype == jnp.float64
@@ -59,7 +59,7 @@ def test_folded_logits_equal_eval_float64(twin):
 def test_folded_logits_equal_eval_float32():
   model, variables, x, _ = _setup('float32', True)
   ref = model.apply(variables, x, mode=models.EVAL)
-  out = model.apply(models.fold_eval_bn(variables), x, mode=models.FOLDED)
+  out = model.apply(speed.fold_eval_bn(variables), x, mode=models.FOLDED)
   assert flax_torch.rel_err(out, ref) < 1e-5
 
 
@@ -100,7 +100,7 @@ def test_fold_rejects_a_bn_without_its_convolution():
   params = {'block': {'bn1': {'scale': jnp.ones(2), 'bias': jnp.zeros(2)}}}
   stats = {'block': {'bn1': {'mean': jnp.zeros(2), 'var': jnp.ones(2)}}}
   with pytest.raises(ValueError, match='conv1'):
-    models.fold_eval_bn({'params': params, 'batch_stats': stats})
+    speed.fold_eval_bn({'params': params, 'batch_stats': stats})
 
 
 def test_xla_flags_apply_keeps_user_settings(monkeypatch):
@@ -128,7 +128,7 @@ def test_matmul_conv_equals_lax_conv_float64(size, k, stride, cin, cout):
     p = k // 2
     ref_fn = lambda x, w: jax.lax.conv_general_dilated(
         x, w, (stride, stride), ((p, p), (p, p)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    ours_fn = lambda x, w: models.matmul_conv(x, w, stride, p)
+    ours_fn = lambda x, w: speed.matmul_conv(x, w, stride, p)
     y_ref, vjp_ref = jax.vjp(ref_fn, x, w)
     y, vjp = jax.vjp(ours_fn, x, w)
     assert y.shape == y_ref.shape
@@ -141,7 +141,7 @@ def test_matmul_conv_equals_lax_conv_float64(size, k, stride, cin, cout):
 def test_conv_impls_share_variables_and_logits():
   x = np.random.default_rng(2).uniform(0, 1, (3, 32, 32, 3)).astype(np.float32)
   variables, logits = {}, {}
-  for impl in models.CONV_IMPLS:
+  for impl in speed.CONV_IMPLS:
     model = models.create_model('tiny_resnet', 10, conv_impl=impl)  # 3x3 and strided 1x1
     variables[impl] = models.init_variables(model, 0)
     logits[impl] = model.apply(variables[impl], x, mode=models.EVAL)
@@ -156,8 +156,8 @@ def test_conv_impls_share_variables_and_logits():
 
 
 def test_auto_rule():
-  assert models.use_matmul_conv(1, 56, 56, 64)  # 1x1: always a matrix product
-  assert models.use_matmul_conv(3, 4, 4, 64)  # small maps
-  assert models.use_matmul_conv(3, 7, 7, 512)  # layer4 at 224
-  assert not models.use_matmul_conv(3, 8, 8, 64)  # layer1 at 32x32: XLA's convolution
-  assert not models.use_matmul_conv(7, 16, 16, 64)  # the stem
+  assert speed.use_matmul_conv(1, 56, 56, 64)  # 1x1: always a matrix product
+  assert speed.use_matmul_conv(3, 4, 4, 64)  # small maps
+  assert speed.use_matmul_conv(3, 7, 7, 512)  # layer4 at 224
+  assert not speed.use_matmul_conv(3, 8, 8, 64)  # layer1 at 32x32: XLA's convolution
+  assert not speed.use_matmul_conv(7, 16, 16, 64)  # the stem

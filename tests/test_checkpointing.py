@@ -7,11 +7,12 @@ import numpy as np
 
 from twins_jax import checkpointing, model_io, models
 
-KWARGS = dict(arch='tiny_resnet', num_classes=3, resize=None, twin=True, share_affine=False)
+SPEC = models.ModelSpec(arch='tiny_resnet', num_classes=3, resize=None, twin=True,
+                        share_affine=False)
 
 
 def _variables(seed):
-  return models.init_variables(models.create_model(**KWARGS), seed)
+  return models.init_variables(SPEC.build(), seed)
 
 
 def _assert_equal(a, b):
@@ -21,8 +22,8 @@ def _assert_equal(a, b):
 
 def test_best_model_replaced_and_recovered_after_a_kill_between_renames(tmp_path):
   first, second = _variables(0), _variables(1)
-  checkpointing.save_best_model(tmp_path, first, KWARGS, {'step': 1})
-  checkpointing.save_best_model(tmp_path, second, KWARGS, {'step': 2})
+  checkpointing.save_best_model(tmp_path, first, SPEC, {'step': 1})
+  checkpointing.save_best_model(tmp_path, second, SPEC, {'step': 2})
   assert sorted(os.listdir(tmp_path)) == ['best_model']
   _, loaded, meta = model_io.load_model_dir(tmp_path / 'best_model')
   _assert_equal(loaded, second)
@@ -37,13 +38,13 @@ def test_best_model_replaced_and_recovered_after_a_kill_between_renames(tmp_path
   _assert_equal(loaded, second)
 
   # The next save works from the recovered state.
-  checkpointing.save_best_model(tmp_path, first, KWARGS, {'step': 3})
+  checkpointing.save_best_model(tmp_path, first, SPEC, {'step': 3})
   _, loaded, _ = model_io.load_model_dir(tmp_path / 'best_model')
   _assert_equal(loaded, first)
 
 
 def test_recover_leaves_an_existing_best_model_alone(tmp_path):
-  checkpointing.save_best_model(tmp_path, _variables(0), KWARGS, {'step': 1})
+  checkpointing.save_best_model(tmp_path, _variables(0), SPEC, {'step': 1})
   (tmp_path / 'best_model.old').mkdir()
   assert checkpointing.recover_best_model(tmp_path) is None
   assert (tmp_path / 'best_model').is_dir()

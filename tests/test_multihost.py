@@ -4,7 +4,7 @@
 --num_processes=2 --process_id=0/1`` (each process sees 4 simulated CPU devices; JAX's
 CPU collectives go over Gloo/TCP), sharing one workdir as hosts share a filesystem,
 and once as a single process with 8 devices and the same global batch. Each host
-reads only its half of every global batch (``data.TrainLoader``), so the two runs
+reads only its half of every global batch (``data.TrainPlan``), so the two runs
 agree only if the halves are put together in the right order: the final checkpoints
 and the saved best models must hold the same parameters (up to the all-reduce's
 summation order), and only process 0 writes the logs and the report.
@@ -47,6 +47,7 @@ FLAGS = [
     '--config.dataset=digits', '--config.digits_classes=(0,1,2)', '--config.image_size=16',
     '--config.batch_size=64', '--config.eval_batch_size=64', '--config.num_epochs=1',
     '--config.attack_steps=1', '--config.eval_attack_steps=1', '--config.val_fraction=0.1',
+    '--config.last_batch=drop',
     f'--config.lr={LR}', f'--config.weight_decay={WEIGHT_DECAY}', '--config.log_every_steps=5',
 ]
 RUN_TIMEOUT_S = 1200
@@ -134,8 +135,8 @@ def _launch(runs: list[tuple[list[str], dict, Path]], timeout: float) -> float:
       f.close()
 
 
-def _abstract_state(model_kwargs: dict):
-  model = models.create_model(**model_kwargs)
+def _abstract_state(spec: models.ModelSpec):
+  model = spec.build()
   tx, _ = step_lib.make_optimizer(LR, WEIGHT_DECAY)
   abstract = jax.eval_shape(
       lambda: step_lib.TrainState.create(model_io.abstract_variables(model), tx))
@@ -144,11 +145,11 @@ def _abstract_state(model_kwargs: dict):
                       abstract)
 
 
-def _restore_last(workdir: Path, model_kwargs: dict):
+def _restore_last(workdir: Path, spec: models.ModelSpec):
   ckpts = checkpointing.RunCheckpoints(workdir, async_save=False)
   try:
     step = ckpts.latest_step()
-    state, progress = ckpts.restore(_abstract_state(model_kwargs))
+    state, progress = ckpts.restore(_abstract_state(spec))
   finally:
     ckpts.close()
   return step, jax.device_get(state), progress
@@ -195,9 +196,9 @@ def test_two_hosts_match_one_host(tmp_path, request):
     assert (multi / name).exists(), name
 
   # The same run: the same final training state ...
-  kwargs = model_io.read_model_json(single / 'best_model')['model_kwargs']
-  step_m, state_m, progress_m = _restore_last(multi, kwargs)
-  step_s, state_s, progress_s = _restore_last(single, kwargs)
+  spec = model_io.read_model_json(single / 'best_model')['spec']
+  step_m, state_m, progress_m = _restore_last(multi, spec)
+  step_s, state_s, progress_s = _restore_last(single, spec)
   assert step_m == step_s == STEPS == int(state_m.step) == int(state_s.step)
   _assert_trees_close(state_s.params, state_m.params, 'checkpoint params')
   _assert_trees_close(state_s.batch_stats, state_m.batch_stats, 'checkpoint batch_stats')
@@ -206,7 +207,7 @@ def test_two_hosts_match_one_host(tmp_path, request):
   # ... the same best model (written by both processes together) ...
   _, best_s, meta_s = model_io.load_model_dir(single / 'best_model')
   _, best_m, meta_m = model_io.load_model_dir(multi / 'best_model')
-  assert meta_m['model_kwargs'] == kwargs
+  assert meta_m['spec'] == spec
   _assert_trees_close(best_s, best_m, 'best_model')
 
   # ... and the same evaluation (every test example once, gathered from both hosts).

@@ -138,7 +138,7 @@ def test_port_matches_pytorch(tmp_path, arch, size, resize):
   model = models.create_model(arch, 10, resize=resize)
   want_shapes = init_shapes(model)
   for fmt, path in files.items():
-    variables, report = port.port_checkpoint(path, arch, 10, resize=resize)
+    variables, report = port.port_checkpoint(path, models.ModelSpec(arch, 10, resize=resize))
     assert report.ok and not report.warnings, report.summary()
     assert not report.head_replaced
     assert shapes_of(variables) == want_shapes
@@ -156,7 +156,7 @@ def test_port_matches_pytorch(tmp_path, arch, size, resize):
 
 def test_both_branches_filled_from_one_bn(tmp_path):
   m = torch_model('tiny_resnet', 5)
-  v, _ = port.port_checkpoint(save_plain(m, tmp_path / 'a.pt'), 'tiny_resnet', 5)
+  v, _ = port.port_checkpoint(save_plain(m, tmp_path / 'a.pt'), models.ModelSpec('tiny_resnet', 5))
   sd = m.state_dict()
   bn = v['params']['layer2_0']['downsample_1']
   for branch in ('adaptive', 'frozen'):
@@ -175,7 +175,7 @@ def test_shared_affine_and_plain_models(tmp_path, twin, share_affine):
   m = torch_model('tiny_resnet', 5)
   x = images(3, 32)
   path = save_plain(m, tmp_path / 'a.pt')
-  v, report = port.port_checkpoint(path, 'tiny_resnet', 5, twin=twin, share_affine=share_affine)
+  v, report = port.port_checkpoint(path, models.ModelSpec('tiny_resnet', 5, twin=twin, share_affine=share_affine))
   model = models.create_model('tiny_resnet', 5, twin=twin, share_affine=share_affine)
   assert shapes_of(v) == init_shapes(model)
   assert ('frozen_stats' in v) == twin
@@ -198,8 +198,8 @@ def test_port_and_predict_cli(tmp_path):
   assert 'robustness' in r.stdout and 'head: kept' in r.stdout
 
   model, variables, meta = model_io.load_model_dir(dst)
-  assert meta['model_kwargs'] == dict(arch='resnet18', num_classes=10, resize=None,
-                                      twin=True, share_affine=False)
+  assert meta['spec'] == models.ModelSpec(arch='resnet18', num_classes=10, resize=None,
+                                          twin=True, share_affine=False)
   assert meta['metadata']['source'] == str(ckpt)
   assert meta['metadata']['port_report']['loaded'] == 102
   assert len(meta['metadata']['source_sha256']) == 64
@@ -242,7 +242,7 @@ def test_port_and_predict_cli_resnet50_224(tmp_path):
 
 def test_predict_function_pads_last_batch(tmp_path):
   m = torch_model('tiny_resnet', 4)
-  v, _ = port.port_checkpoint(save_plain(m, tmp_path / 'a.pt'), 'tiny_resnet', 4)
+  v, _ = port.port_checkpoint(save_plain(m, tmp_path / 'a.pt'), models.ModelSpec('tiny_resnet', 4))
   model = models.create_model('tiny_resnet', 4)
   x = images(7, 32, seed=5)
   ref = torch_logits(m, x)
@@ -285,7 +285,7 @@ def test_predict_cli_errors(tmp_path):
 def test_head_replaced_when_num_classes_differs(tmp_path):
   m = torch_model('tiny_resnet', 10)
   path = save_robustness(m, tmp_path / 'r.ckpt')
-  v, report = port.port_checkpoint(path, 'tiny_resnet', 7, seed=3)
+  v, report = port.port_checkpoint(path, models.ModelSpec('tiny_resnet', 7), seed=3)
   assert report.ok and report.head_replaced
   assert '10 classes' in report.head and '7' in report.head
   assert 'replaced' in report.summary()
@@ -296,8 +296,8 @@ def test_head_replaced_when_num_classes_differs(tmp_path):
   assert np.abs(fc['kernel']).max() <= bound and np.abs(fc['bias']).max() <= bound
   assert np.abs(fc['kernel']).max() > 0.5 * bound and np.std(fc['kernel']) > 0.3 * bound
   # Seeded; another seed gives another head.
-  v2, _ = port.port_checkpoint(path, 'tiny_resnet', 7, seed=3)
-  v3, _ = port.port_checkpoint(path, 'tiny_resnet', 7, seed=4)
+  v2, _ = port.port_checkpoint(path, models.ModelSpec('tiny_resnet', 7), seed=3)
+  v3, _ = port.port_checkpoint(path, models.ModelSpec('tiny_resnet', 7), seed=4)
   np.testing.assert_array_equal(v2['params']['fc']['kernel'], fc['kernel'])
   assert not np.array_equal(v3['params']['fc']['kernel'], fc['kernel'])
   # The backbone is the checkpoint's: a torch model with the same fresh head agrees.
@@ -321,7 +321,7 @@ def test_missing_layer_refused_then_allowed(tmp_path):
   path = tmp_path / 'partial.pt'
   torch.save(sd, path)
   with pytest.raises(port.PortError) as e:
-    port.port_checkpoint(path, 'tiny_resnet', 5)
+    port.port_checkpoint(path, models.ModelSpec('tiny_resnet', 5))
   want = ['layer4.0.bn2.bias', 'layer4.0.bn2.running_mean', 'layer4.0.bn2.running_var',
           'layer4.0.bn2.weight', 'layer4.0.conv2.weight']
   assert e.value.report.missing == want
@@ -329,11 +329,11 @@ def test_missing_layer_refused_then_allowed(tmp_path):
     assert name in str(e.value)
   # A pattern covering only part of it is not enough.
   with pytest.raises(port.PortError, match='layer4.0.conv2.weight'):
-    port.port_checkpoint(path, 'tiny_resnet', 5, allow_missing=['layer4.0.bn2.*'])
+    port.port_checkpoint(path, models.ModelSpec('tiny_resnet', 5), allow_missing=['layer4.0.bn2.*'])
   # Torch-name or Flax-path globs.
   for patterns in (['layer4.0.conv2.*', 'layer4.0.bn2.*'],
                    ['*/layer4_0/conv2/*', '*/layer4_0/bn2/*']):
-    v, report = port.port_checkpoint(path, 'tiny_resnet', 5, allow_missing=patterns)
+    v, report = port.port_checkpoint(path, models.ModelSpec('tiny_resnet', 5), allow_missing=patterns)
     assert report.ok and report.allowed_missing == want
     assert shapes_of(v) == init_shapes(models.create_model('tiny_resnet', 5))
     bn = v['params']['layer4_0']['bn2']
@@ -354,7 +354,7 @@ def test_unexpected_and_misshaped_reported_by_name(tmp_path):
   path = tmp_path / 'odd.pt'
   torch.save(sd, path)
   with pytest.raises(port.PortError) as e:
-    port.port_checkpoint(path, 'tiny_resnet', 5)
+    port.port_checkpoint(path, models.ModelSpec('tiny_resnet', 5))
   msg, report = str(e.value), e.value.report
   assert report.unexpected == ['aux_head.weight', 'layer5.0.conv1.weight']
   assert report.mismatched == ['layer1.0.conv1.weight: checkpoint (8, 8, 1, 1), '
@@ -364,15 +364,14 @@ def test_unexpected_and_misshaped_reported_by_name(tmp_path):
     assert s in msg
   # Unexpected entries may be ignored on purpose; a mis-shaped one may not.
   with pytest.raises(port.PortError, match='mis-shaped') as e:
-    port.port_checkpoint(path, 'tiny_resnet', 5,
-                         allow_unexpected=['aux_head.*', 'layer5.*'], allow_missing=['*'])
+    port.port_checkpoint(path, models.ModelSpec('tiny_resnet', 5), allow_unexpected=['aux_head.*', 'layer5.*'], allow_missing=['*'])
   assert e.value.report.unexpected == []
 
 
 def test_wrong_arch_refused(tmp_path):
   path = save_plain(torch_model('tiny_resnet', 5), tmp_path / 't.pt')
   with pytest.raises(port.PortError) as e:
-    port.port_checkpoint(path, 'resnet18', 5)
+    port.port_checkpoint(path, models.ModelSpec('resnet18', 5))
   assert e.value.report.mismatched and 'conv1.weight' in str(e.value)
 
 
@@ -424,10 +423,10 @@ def test_code_running_checkpoint_refused(tmp_path, evil_cls, legacy):
   torch.save(ckpt, path, pickle_module=dill, _use_new_zipfile_serialization=not legacy)
   assert not marker.exists()
   with pytest.raises(UnsafeCheckpointError):
-    port.port_checkpoint(path, 'tiny_resnet', 5)
+    port.port_checkpoint(path, models.ModelSpec('tiny_resnet', 5))
   assert not marker.exists()
   with pytest.raises(UnsafeCheckpointError):
-    port.port_to_dir(path, tmp_path / 'out', 'tiny_resnet', 5)
+    port.port_to_dir(path, tmp_path / 'out', models.ModelSpec('tiny_resnet', 5))
   assert not marker.exists() and not (tmp_path / 'out').exists()
   if legacy and evil_cls is _TouchMarker:  # one CLI run is enough
     r = run_cli('-m', 'twins_jax.port', str(path), str(tmp_path / 'out'),
@@ -448,7 +447,7 @@ def test_robustbench_layouts(tmp_path, layout):
   obj = {'state_dict': sd, 'epoch': 3} if where == 'state_dict' else sd
   path = tmp_path / 'rb.pt'
   torch.save(obj, path)
-  v, report = port.port_checkpoint(path, 'tiny_resnet', 10)
+  v, report = port.port_checkpoint(path, models.ModelSpec('tiny_resnet', 10))
   assert report.ok and report.checkpoint_format == 'state_dict'
   assert ''.join(report.prefixes_stripped) == prefix
   x = images(2, 32)
@@ -460,7 +459,7 @@ def test_robustness_normaliser_checked(tmp_path):
   m = torch_model('tiny_resnet', 5)
   path = save_robustness(m, tmp_path / 'cifar.ckpt', mean=(0.4914, 0.4822, 0.4465))
   with pytest.warns(UserWarning, match='not the ImageNet constant'):
-    _, report = port.port_checkpoint(path, 'tiny_resnet', 5)
+    _, report = port.port_checkpoint(path, models.ModelSpec('tiny_resnet', 5))
   assert len(report.warnings) == 2  # model's and attacker's normaliser
   assert all('new_mean' in w for w in report.warnings)
 
@@ -473,7 +472,7 @@ def test_robustness_legacy_state_dict_key_and_attacker_mismatch(tmp_path):
   ckpt['state_dict'] = sd
   torch.save(ckpt, tmp_path / 'r.ckpt', pickle_module=dill)
   with pytest.warns(UserWarning, match='attacker'):
-    v, report = port.port_checkpoint(tmp_path / 'r.ckpt', 'tiny_resnet', 5)
+    v, report = port.port_checkpoint(tmp_path / 'r.ckpt', models.ModelSpec('tiny_resnet', 5))
   assert report.container == "['state_dict']"
   np.testing.assert_array_equal(v['params']['conv1']['kernel'],
                                 m.state_dict()['conv1.weight'].numpy().transpose(2, 3, 1, 0))
@@ -482,9 +481,9 @@ def test_robustness_legacy_state_dict_key_and_attacker_mismatch(tmp_path):
 def test_not_a_state_dict(tmp_path):
   torch.save({'epoch': 3, 'config': {'lr': 0.1}}, tmp_path / 'x.pt')
   with pytest.raises(port.PortError, match='no state dict'):
-    port.port_checkpoint(tmp_path / 'x.pt', 'tiny_resnet', 5)
+    port.port_checkpoint(tmp_path / 'x.pt', models.ModelSpec('tiny_resnet', 5))
   with pytest.raises(FileNotFoundError):
-    port.port_checkpoint(tmp_path / 'absent.pt', 'tiny_resnet', 5)
+    port.port_checkpoint(tmp_path / 'absent.pt', models.ModelSpec('tiny_resnet', 5))
 
 
 def test_name_table_roundtrip():
@@ -507,13 +506,14 @@ def test_name_table_roundtrip():
 # ----------------------------------------------------------- model dirs
 
 def test_model_dir_roundtrip_and_errors(tmp_path):
-  kw = dict(arch='tiny_resnet', num_classes=3, resize=64, twin=True, share_affine=False)
-  model = models.create_model(**kw)
+  kw = models.ModelSpec(arch='tiny_resnet', num_classes=3, resize=64, twin=True,
+                        share_affine=False)
+  model = kw.build()
   v = random_variables(model, 1)
   d = tmp_path / 'md'
   model_io.save_model_dir(d, v, kw, {'note': 'hello', 'path': tmp_path})
   m2, v2, meta = model_io.load_model_dir(d)
-  assert m2 == model and meta['model_kwargs'] == kw and meta['metadata']['note'] == 'hello'
+  assert m2 == model and meta['spec'] == kw and meta['metadata']['note'] == 'hello'
   jax.tree.map(np.testing.assert_array_equal, v2, v)
   assert json.loads((d / 'model.json').read_text())['format'] == 'twins_jax.model_dir'
 
@@ -526,9 +526,9 @@ def test_model_dir_roundtrip_and_errors(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, v3, v_other)
 
   with pytest.raises(model_io.ModelDirError, match='do not fit'):
-    model_io.save_model_dir(tmp_path / 'x', v, dict(kw, num_classes=4), {})
-  with pytest.raises(model_io.ModelDirError, match='unknown model_kwargs'):
-    model_io.save_model_dir(tmp_path / 'x', v, dict(kw, depth=3), {})
+    model_io.save_model_dir(tmp_path / 'x', v, kw.replace(num_classes=4), {})
+  with pytest.raises(model_io.ModelDirError, match='unknown model spec fields'):
+    model_io.save_model_dir(tmp_path / 'x', v, dict(kw.to_dict(), depth=3), {})
   with pytest.raises(model_io.ModelDirError, match='does not exist'):
     model_io.load_model_dir(tmp_path / 'nowhere')
   (tmp_path / 'empty').mkdir()
@@ -539,7 +539,7 @@ def test_model_dir_roundtrip_and_errors(tmp_path):
     model_io.load_model_dir(tmp_path / 'empty')
   # model.json and checkpoint disagree: named differences.
   doc = json.loads((d / 'model.json').read_text())
-  doc['model_kwargs']['num_classes'] = 4
+  doc['spec']['num_classes'] = 4
   (d / 'model.json').write_text(json.dumps(doc))
   with pytest.raises(model_io.ModelDirError, match='params/fc/bias'):
     model_io.load_model_dir(d)
@@ -547,10 +547,11 @@ def test_model_dir_roundtrip_and_errors(tmp_path):
 
 def test_predict_resolves_a_training_workdir(tmp_path):
   """A training workdir's best_model is what predict reads for a trained checkpoint."""
-  kwargs = dict(arch='tiny_resnet', num_classes=3, resize=None, twin=True, share_affine=False)
-  model = models.create_model(**kwargs)
+  spec = models.ModelSpec(arch='tiny_resnet', num_classes=3, resize=None, twin=True,
+                          share_affine=False)
+  model = spec.build()
   variables = jax.device_get(models.init_variables(model, 0))
-  model_io.save_model_dir(tmp_path / 'run' / 'best_model', variables, kwargs)
+  model_io.save_model_dir(tmp_path / 'run' / 'best_model', variables, spec)
   resolved = predict_lib.resolve_model_dir(tmp_path / 'run')
   assert resolved == tmp_path / 'run' / 'best_model'
   _, loaded, _ = model_io.load_model_dir(resolved)
@@ -560,3 +561,19 @@ def test_predict_resolves_a_training_workdir(tmp_path):
                              atol=1e-6)
   with pytest.raises(model_io.ModelDirError, match='neither a model directory'):
     predict_lib.resolve_model_dir(tmp_path)
+
+
+def test_version_1_model_directory_still_loads(tmp_path):
+  """Model directories written before ModelSpec (model.json version 1, 'model_kwargs')
+  load as they did."""
+  spec = models.ModelSpec('tiny_resnet', 3, resize=64)
+  v = random_variables(spec.build(), 1)
+  model_io.save_model_dir(tmp_path / 'old', v, spec, {'note': 'v1'})
+  path = tmp_path / 'old' / 'model.json'
+  doc = json.loads(path.read_text())
+  doc['version'] = 1
+  doc['model_kwargs'] = doc.pop('spec')
+  path.write_text(json.dumps(doc))
+  model, v2, meta = model_io.load_model_dir(tmp_path / 'old')
+  assert meta['spec'] == spec and meta['version'] == 1 and model == spec.build()
+  jax.tree.map(np.testing.assert_array_equal, v2, v)

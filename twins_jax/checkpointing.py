@@ -22,7 +22,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from twins_jax import model_io
+from twins_jax import model_io, models
 
 
 class RunCheckpoints:
@@ -81,7 +81,7 @@ def recover_best_model(workdir, name: str = 'best_model') -> Optional[Path]:
   return final
 
 
-def save_best_model(workdir, variables: dict, model_kwargs: dict, metadata: dict,
+def save_best_model(workdir, variables: dict, spec: models.ModelSpec, metadata: dict,
                     name: str = 'best_model') -> Path:
   """Writes the model directory ``workdir/<name>`` atomically: to a temporary directory,
   then renamed (``name``: ``best_model`` or ``final_model``).
@@ -93,7 +93,7 @@ def save_best_model(workdir, variables: dict, model_kwargs: dict, metadata: dict
   if jax.process_index() == 0:
     shutil.rmtree(tmp, ignore_errors=True)  # left over by an interrupted save
   model_io._barrier(f'twins_jax.save_{name}.clean')  # before the others look at tmp
-  model_io.save_model_dir(tmp, variables, model_kwargs, metadata)  # ends with a barrier
+  model_io.save_model_dir(tmp, variables, spec, metadata)  # ends with a barrier
   if jax.process_index() == 0:
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():

@@ -3,13 +3,15 @@
 A model directory is what training starts from and what prediction reads::
 
     MODEL_DIR/
-      model.json    {"format": "twins_jax.model_dir", "version": 1,
-                     "model_kwargs": {arch, num_classes, resize, twin, share_affine},
+      model.json    {"format": "twins_jax.model_dir", "version": 2,
+                     "spec": {arch, num_classes, resize, twin, share_affine},
                      "metadata": {... free-form: source file, port report, date ...}}
       variables/    an Orbax checkpoint of the variable tree
                     ({'params', 'batch_stats'[, 'frozen_stats']}, see twins_jax.models)
 
-``model.json`` is written last, so a directory that has it is complete.
+``spec`` is a :class:`twins_jax.models.ModelSpec`. ``model.json`` is written last, so a
+directory that has it is complete. Version-1 directories (the same fields under
+``model_kwargs``) still load.
 
 Public API: :func:`save_model_dir`, :func:`load_model_dir`, :func:`read_model_json`,
 :func:`abstract_variables`, :class:`ModelDirError`.
@@ -32,39 +34,23 @@ import orbax.checkpoint as ocp
 from twins_jax import models
 
 FORMAT = 'twins_jax.model_dir'
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: the spec under 'model_kwargs'
 MODEL_JSON = 'model.json'
 VARIABLES_DIR = 'variables'
-# The create_model keyword arguments a model directory records (dtype is a run-time choice).
-MODEL_KWARGS = ('arch', 'num_classes', 'resize', 'twin', 'share_affine')
-_REQUIRED_KWARGS = ('arch', 'num_classes')
 
 
 class ModelDirError(ValueError):
   """A model directory is missing, incomplete or does not match its model."""
 
 
-def _check_model_kwargs(model_kwargs: Mapping[str, Any], where: str) -> dict:
-  if not isinstance(model_kwargs, Mapping):
-    raise ModelDirError(f'{where}: model_kwargs must be a dict, got {type(model_kwargs).__name__}.')
-  unknown = sorted(set(model_kwargs) - set(MODEL_KWARGS))
-  if unknown:
-    raise ModelDirError(f'{where}: unknown model_kwargs {unknown}; allowed: {list(MODEL_KWARGS)}.')
-  absent = [k for k in _REQUIRED_KWARGS if k not in model_kwargs]
-  if absent:
-    raise ModelDirError(f'{where}: model_kwargs lack {absent}.')
-  kw = dict(model_kwargs)
-  if kw['arch'] not in models.ARCHS:
-    raise ModelDirError(f'{where}: unknown arch {kw["arch"]!r}; known: {sorted(models.ARCHS)}.')
-  if not isinstance(kw['num_classes'], (int, np.integer)) or kw['num_classes'] < 1:
-    raise ModelDirError(f'{where}: num_classes must be a positive integer, got {kw["num_classes"]!r}.')
-  kw['num_classes'] = int(kw['num_classes'])
-  if kw.get('resize') is not None:
-    kw['resize'] = int(kw['resize'])
-  for k in ('twin', 'share_affine'):
-    if k in kw:
-      kw[k] = bool(kw[k])
-  return kw
+def _spec(spec: Any, where: str) -> models.ModelSpec:
+  if isinstance(spec, models.ModelSpec):
+    return spec
+  try:
+    return models.ModelSpec.from_dict(spec)
+  except (TypeError, ValueError) as e:
+    raise ModelDirError(f'{where}: {e}') from e
 
 
 def abstract_variables(model: models.ResNet) -> dict:
@@ -103,7 +89,7 @@ def _json_default(obj):
   return str(obj)
 
 
-def save_model_dir(path, variables: Mapping, model_kwargs: Mapping[str, Any],
+def save_model_dir(path, variables: Mapping, spec: models.ModelSpec,
                    metadata: Optional[Mapping[str, Any]] = None, *,
                    overwrite: bool = False) -> Path:
   """Writes ``variables`` (Orbax, synchronously) and ``model.json`` to ``path``.
@@ -112,20 +98,19 @@ def save_model_dir(path, variables: Mapping, model_kwargs: Mapping[str, Any],
     path: the directory; created if absent. A non-empty existing directory is refused
       unless ``overwrite`` (then only its ``model.json`` and ``variables/`` are replaced;
       other files in it are left alone).
-    variables: the model's variable tree; checked against ``create_model(**model_kwargs)``.
-    model_kwargs: ``create_model`` keyword arguments (:data:`MODEL_KWARGS`).
+    variables: the model's variable tree; checked against ``spec.build()``.
+    spec: what the model is (a :class:`~twins_jax.models.ModelSpec`).
     metadata: JSON-serialisable information (non-JSON leaves are stored as strings).
 
   Returns:
     The directory's absolute path.
   """
   path = Path(path).absolute()
-  kw = _check_model_kwargs(model_kwargs, f'save_model_dir({path})')
-  model = models.create_model(**kw)
-  diffs = tree_differences(variables, abstract_variables(model))
+  spec = _spec(spec, f'save_model_dir({path})')
+  diffs = tree_differences(variables, abstract_variables(spec.build()))
   if diffs:
-    raise ModelDirError(f'variables do not fit create_model(**{kw}):\n  ' + '\n  '.join(diffs))
-  doc = {'format': FORMAT, 'version': VERSION, 'model_kwargs': kw,
+    raise ModelDirError(f'variables do not fit {spec}:\n  ' + '\n  '.join(diffs))
+  doc = {'format': FORMAT, 'version': VERSION, 'spec': spec.to_dict(),
          'metadata': dict(metadata or {})}
   text = json.dumps(doc, indent=2, sort_keys=True, default=_json_default)
 
@@ -186,7 +171,8 @@ def resolve_model_dir(path) -> Path:
 
 
 def read_model_json(path) -> dict:
-  """The parsed and checked ``model.json`` of a model directory."""
+  """The parsed and checked ``model.json`` of a model directory; ``doc['spec']`` is a
+  :class:`~twins_jax.models.ModelSpec`."""
   path = Path(path)
   if not path.exists():
     raise ModelDirError(f'model directory {path} does not exist.')
@@ -203,9 +189,11 @@ def read_model_json(path) -> dict:
     raise ModelDirError(f'{mj} is not valid JSON: {e}') from e
   if not isinstance(doc, dict) or doc.get('format') != FORMAT:
     raise ModelDirError(f'{mj} is not a twins_jax model description (format != {FORMAT!r}).')
-  if doc.get('version') != VERSION:
-    raise ModelDirError(f'{mj} has version {doc.get("version")!r}; this code reads {VERSION}.')
-  doc['model_kwargs'] = _check_model_kwargs(doc.get('model_kwargs'), str(mj))
+  if doc.get('version') not in READABLE_VERSIONS:
+    raise ModelDirError(f'{mj} has version {doc.get("version")!r}; this code reads '
+                        f'{READABLE_VERSIONS}.')
+  doc['spec'] = _spec(doc.pop('model_kwargs') if doc['version'] == 1 else doc.get('spec'),
+                      str(mj))
   doc.setdefault('metadata', {})
   return doc
 
@@ -219,11 +207,11 @@ def load_model_dir(path, *, dtype: Any = jnp.float32) -> Tuple[models.ResNet, di
 
   Returns:
     ``(model, variables, meta)`` where ``meta`` is the parsed ``model.json``:
-    ``{'format', 'version', 'model_kwargs', 'metadata'}``.
+    ``{'format', 'version', 'spec', 'metadata'}`` (``spec`` a ModelSpec).
   """
   path = Path(path).absolute()
   doc = read_model_json(path)
-  model = models.create_model(**doc['model_kwargs'], dtype=dtype)
+  model = doc['spec'].build(dtype=dtype)
   vdir = path / VARIABLES_DIR
   if not vdir.is_dir():
     raise ModelDirError(f'{path} has no {VARIABLES_DIR}/ checkpoint.')
@@ -236,7 +224,7 @@ def load_model_dir(path, *, dtype: Any = jnp.float32) -> Tuple[models.ResNet, di
       raise ModelDirError(f'{vdir} is not a readable Orbax checkpoint: {e}') from e
     diffs = tree_differences(saved, target)
     if diffs:
-      raise ModelDirError(f'{vdir} does not match create_model(**{doc["model_kwargs"]}):\n  '
+      raise ModelDirError(f'{vdir} does not match {doc["spec"]}:\n  '
                           + '\n  '.join(diffs))
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),

@@ -25,12 +25,15 @@ inside the model.
 from __future__ import annotations
 
 import functools
+import dataclasses
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from twins_jax.speed import CONV_IMPLS, matmul_conv, use_matmul_conv
 
 # BatchNorm modes. The first names the Frozen Net, the other three the Adaptive Net.
 FROZEN = 'frozen'  # Frozen Net: pre-training statistics, never updated.
@@ -143,55 +146,8 @@ class TorchDense(nn.Module):
     return (y + bias.astype(self.dtype)).astype(self.param_dtype)
 
 
-def _useful_taps(size: int, k: int, stride: int, pad: int, out: int) -> list[int]:
-  """Kernel offsets along one axis that read at least one real (non-padding) input."""
-  return [i for i in range(k)
-          if any(pad <= o * stride + i < pad + size for o in range(out))]
-
-
-def matmul_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
-  """``lax.conv`` (NHWC, HWIO, symmetric padding) as one matrix product with patches.
-
-  The patches are strided slices of the padded input concatenated along channels;
-  kernel offsets that only ever read padding are skipped (a 3x3 convolution on a 1x1
-  map is a 1x1 convolution). Same function as the convolution, summed in a different
-  order. XLA:CPU runs small-map convolutions (and their gradients) much slower than
-  the equivalent matrix products, which is what ResNets on 32x32 inputs consist of.
-  """
-  kh, kw, cin, cout = kernel.shape
-  n, h, w, _ = x.shape
-  ho = (h + 2 * pad - kh) // stride + 1
-  wo = (w + 2 * pad - kw) // stride + 1
-  rows = _useful_taps(h, kh, stride, pad, ho)
-  cols = _useful_taps(w, kw, stride, pad, wo)
-  if pad:
-    x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
-  patches = [x[:, i:i + span_h:stride, j:j + span_w:stride, :] for i in rows for j in cols]
-  patches = patches[0] if len(patches) == 1 else jnp.concatenate(patches, axis=-1)
-  if len(rows) < kh or len(cols) < kw:
-    kernel = kernel[np.asarray(rows)][:, np.asarray(cols)]
-  # A 2-D product, so that both gradients are 2-D products too (XLA:CPU hands those to
-  # its fast matmul library; dots contracting several axes go to a slower path).
-  y = jnp.dot(patches.reshape(-1, patches.shape[-1]), kernel.reshape(-1, cout))
-  return y.reshape(n, ho, wo, cout)
-
-
 # torchvision's init for convolutions: kaiming normal, fan_out, relu gain.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-
-
-# How convolutions are computed: 'xla' (lax.conv), 'matmul' (matmul_conv) or 'auto':
-# on CPU the matrix product where XLA:CPU's convolution is slow (1x1 kernels, small
-# output maps; see use_matmul_conv and BENCHMARKS.md), lax.conv elsewhere and on
-# every other backend. The same function either way; only the rounding differs.
-CONV_IMPLS = ('auto', 'xla', 'matmul')
-
-
-def use_matmul_conv(kernel: int, out_h: int, out_w: int, out_channels: int) -> bool:
-  """The CPU rule of ``conv_impl='auto'`` (measured with bench/conv_ops.py)."""
-  area = out_h * out_w
-  return kernel == 1 or area <= 16 or (area <= 64 and out_channels >= 256)
 
 
 class TorchConv(nn.Module):
@@ -374,20 +330,73 @@ ARCHS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What a model is: everything needed to rebuild it, and what a model directory records.
+
+  ``resize``: nearest upsampling to that size inside the model (None: none); ``twin``: a
+  TWINS model (Frozen and Adaptive BN) or a plain one; ``share_affine``: one BN affine
+  pair for both branches. How it computes (dtype, convolution implementation) is a
+  run-time choice of :meth:`build`, not part of the spec.
+  """
+  arch: str
+  num_classes: int
+  resize: Optional[int] = None
+  twin: bool = True
+  share_affine: bool = False
+
+  def __post_init__(self):
+    if self.arch not in ARCHS:
+      raise ValueError(f'Unknown architecture {self.arch!r}; choose one of {sorted(ARCHS)}.')
+    if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, (int, np.integer)) \
+        or self.num_classes < 1:
+      raise ValueError(f'num_classes must be a positive integer, got {self.num_classes!r}.')
+    if self.resize is not None and (isinstance(self.resize, bool) or
+                                    not isinstance(self.resize, (int, np.integer)) or
+                                    self.resize < 1):
+      raise ValueError(f'resize must be None or a positive integer, got {self.resize!r}.')
+    object.__setattr__(self, 'num_classes', int(self.num_classes))
+    object.__setattr__(self, 'resize', None if self.resize is None else int(self.resize))
+    object.__setattr__(self, 'twin', bool(self.twin))
+    object.__setattr__(self, 'share_affine', bool(self.share_affine) and bool(self.twin))
+
+  def build(self, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+            conv_impl: str = 'auto') -> 'ResNet':
+    """The Flax module (``conv_impl``: see :data:`twins_jax.speed.CONV_IMPLS`)."""
+    if conv_impl not in CONV_IMPLS:
+      raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.')
+    return ResNet(num_classes=self.num_classes, resize=self.resize, twin=self.twin,
+                  share_affine=self.share_affine, dtype=dtype, param_dtype=param_dtype,
+                  conv_impl=conv_impl, **ARCHS[self.arch])
+
+  def replace(self, **changes) -> 'ModelSpec':
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> 'ModelSpec':
+    """From :meth:`to_dict`'s output (or the ``model_kwargs`` of a version-1 model.json)."""
+    if not isinstance(d, Mapping):
+      raise ValueError(f'a model spec must be a dict, got {type(d).__name__}.')
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+      raise ValueError(f'unknown model spec fields {unknown}; allowed: {fields}.')
+    absent = [k for k in ('arch', 'num_classes') if k not in d]
+    if absent:
+      raise ValueError(f'a model spec needs {absent}.')
+    return cls(**d)
+
+
 def create_model(arch: str, num_classes: int, *, resize: Optional[int] = None,
                  twin: bool = True, share_affine: bool = False,
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                  conv_impl: str = 'auto') -> ResNet:
-  """Builds one of :data:`ARCHS` (``conv_impl``: see :data:`CONV_IMPLS`)."""
-  if arch not in ARCHS:
-    raise ValueError(f'Unknown architecture {arch!r}; choose one of {sorted(ARCHS)}.')
-  if num_classes < 1:
-    raise ValueError(f'num_classes must be positive, got {num_classes}.')
-  if conv_impl not in CONV_IMPLS:
-    raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.')
-  return ResNet(num_classes=num_classes, resize=resize, twin=twin,
-                share_affine=share_affine, dtype=dtype, param_dtype=param_dtype,
-                conv_impl=conv_impl, **ARCHS[arch])
+  """Builds one of :data:`ARCHS`: ``ModelSpec(arch, num_classes, ...).build(...)``."""
+  return ModelSpec(arch, num_classes, resize, twin, share_affine).build(
+      dtype=dtype, param_dtype=param_dtype, conv_impl=conv_impl)
 
 
 def init_variables(model: ResNet, seed: int | jax.Array = 0, image_size: int = 32) -> dict:
@@ -428,51 +437,3 @@ def convert_variables(variables: dict, *, twin: bool, share_affine: bool = False
   if twin:
     out['frozen_stats'] = jax.tree.map(jnp.array, variables['batch_stats'])
   return out
-
-
-def _folded_conv_name(bn_name: str) -> Optional[str]:
-  """The convolution a BN of the torchvision layout follows: ``bnK`` -> ``convK``,
-  ``downsample_1`` -> ``downsample_0``."""
-  if bn_name.startswith('bn'):
-    return 'conv' + bn_name[2:]
-  if bn_name == 'downsample_1':
-    return 'downsample_0'
-  return None
-
-
-def fold_eval_bn(variables: dict, epsilon: float = 1e-5) -> dict:
-  """Variables of the ``mode='folded'`` net: the EVAL net with each BN folded into its conv.
-
-  The Adaptive Net in eval mode computes ``conv(x, W) * m + (b - mean * m)`` per BN,
-  ``m = scale / sqrt(var + eps)`` (running statistics). Folded, the kernel becomes
-  ``W * m`` (per output channel) and the BN adds ``b - mean * m``: one multiply less
-  per activation, forward and backward. Only the ``params`` differ (the Adaptive
-  affine pair, or the single pair of a plain net, holds the folded bias); pass the
-  result to ``model.apply(..., mode='folded')``. A pure function of the variables, so
-  it can run inside a jitted step (cost: one pass over the convolution weights).
-  """
-  stats = variables['batch_stats']
-
-  def fold(params, stats):
-    out = dict(params)
-    for name, sub in params.items():
-      if not isinstance(sub, Mapping):
-        continue
-      if 'adaptive_scale' in sub or 'scale' in sub:
-        conv = _folded_conv_name(name)
-        if conv is None or conv not in params:
-          raise ValueError(f'Cannot fold BN {name!r}: no convolution {conv!r} before it.')
-        prefix = 'adaptive_' if 'adaptive_scale' in sub else ''
-        scale, bias = sub[prefix + 'scale'], sub[prefix + 'bias']
-        mean, var = stats[name]['mean'], stats[name]['var']
-        mul = scale * jax.lax.rsqrt(var + epsilon)
-        new_bn = dict(sub)
-        new_bn[prefix + 'bias'] = bias - mean * mul
-        out[name] = new_bn
-        kernel = params[conv]['kernel']
-        out[conv] = dict(params[conv], kernel=(kernel * mul.astype(kernel.dtype)))
-      elif 'kernel' not in sub:  # a block: recurse (a kernel is handled with its BN)
-        out[name] = fold(sub, stats[name]) if name in stats else sub
-    return out
-
-  return dict(variables, params=fold(variables['params'], stats))

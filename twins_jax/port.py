@@ -346,16 +346,15 @@ def _matches(patterns: Sequence[str], *names: str) -> bool:
   return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
 
 
-def port_checkpoint(src, arch: str, num_classes: int, *, resize: Optional[int] = None,
-                    twin: bool = True, share_affine: bool = False,
-                    allow_missing: Sequence[str] = (), allow_unexpected: Sequence[str] = (),
+def port_checkpoint(src, spec: models.ModelSpec, *, allow_missing: Sequence[str] = (),
+                    allow_unexpected: Sequence[str] = (),
                     seed: int = 0) -> Tuple[dict, PortReport]:
-  """Converts a PyTorch ResNet checkpoint into the variables of ``create_model(...)``.
+  """Converts a PyTorch ResNet checkpoint into the variables of the model ``spec`` describes.
 
   Args:
     src: a checkpoint file (read with :func:`twins_jax.torch_pickle.load_torch_checkpoint`,
       which refuses pickles that would run code) or an already loaded dict.
-    arch, num_classes, resize, twin, share_affine: as :func:`twins_jax.models.create_model`.
+    spec: the model to fill (a :class:`twins_jax.models.ModelSpec`).
     allow_missing: glob patterns (torch names such as ``'layer4.*'`` or Flax paths such as
       ``'params/fc/*'``) of model entries that may be absent from the checkpoint; they are
       freshly initialised.
@@ -373,8 +372,9 @@ def port_checkpoint(src, arch: str, num_classes: int, *, resize: Optional[int] =
     twins_jax.torch_pickle.UnsafeCheckpointError: the file tries to run code.
     twins_jax.torch_pickle.CheckpointFormatError, FileNotFoundError: unreadable file.
   """
-  model = models.create_model(arch, num_classes, resize=resize, twin=twin,
-                              share_affine=share_affine)
+  arch, num_classes, twin, share_affine = (spec.arch, spec.num_classes, spec.twin,
+                                           spec.share_affine)
+  model = spec.build()
   if isinstance(src, Mapping):
     source, obj = '<in-memory checkpoint>', src
   else:
@@ -485,21 +485,18 @@ def _file_sha256(path: str) -> str:
   return h.hexdigest()
 
 
-def port_to_dir(src, dst, arch: str, num_classes: int, *, overwrite: bool = False,
-                **kwargs) -> Tuple[dict, PortReport]:
+def port_to_dir(src, dst, spec: models.ModelSpec, *, overwrite: bool = False,
+                **options) -> Tuple[dict, PortReport]:
   """:func:`port_checkpoint`, then :func:`twins_jax.model_io.save_model_dir` into ``dst``.
 
-  ``kwargs`` are :func:`port_checkpoint`'s (resize, twin, share_affine, allow_missing,
-  allow_unexpected, seed). The directory's metadata records the source file (path,
-  size, sha256), the date and the port report.
+  ``options`` are :func:`port_checkpoint`'s (allow_missing, allow_unexpected, seed). The
+  directory's metadata records the source file (path, size, sha256), the date and the port
+  report.
   """
   dst = Path(dst)
   if dst.is_dir() and any(dst.iterdir()) and not overwrite:
     raise FileExistsError(f'{dst} exists and is not empty; pass overwrite=True (--overwrite).')
-  variables, report = port_checkpoint(src, arch, num_classes, **kwargs)
-  model_kwargs = dict(arch=arch, num_classes=num_classes, resize=kwargs.get('resize'),
-                      twin=kwargs.get('twin', True),
-                      share_affine=kwargs.get('share_affine', False))
+  variables, report = port_checkpoint(src, spec, **options)
   metadata = {
       'created_by': 'twins_jax.port',
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
@@ -509,7 +506,7 @@ def port_to_dir(src, dst, arch: str, num_classes: int, *, overwrite: bool = Fals
   if not isinstance(src, Mapping):
     metadata['source_size'] = os.path.getsize(src)
     metadata['source_sha256'] = _file_sha256(os.fspath(src))
-  model_io.save_model_dir(dst, variables, model_kwargs, metadata, overwrite=overwrite)
+  model_io.save_model_dir(dst, variables, spec, metadata, overwrite=overwrite)
   return variables, report
 
 
@@ -547,9 +544,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     with warnings.catch_warnings():
       warnings.simplefilter('ignore')  # the report prints them
+      spec = models.ModelSpec(args.arch, args.num_classes, resize=args.resize,
+                              twin=not args.no_twin, share_affine=args.share_affine)
       _, report = port_to_dir(
-          args.src, args.dst, args.arch, args.num_classes, overwrite=args.overwrite,
-          resize=args.resize, twin=not args.no_twin, share_affine=args.share_affine,
+          args.src, args.dst, spec, overwrite=args.overwrite,
           allow_missing=args.allow_missing, allow_unexpected=args.allow_unexpected,
           seed=args.seed)
   except UnsafeCheckpointError as e:

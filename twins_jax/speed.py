@@ -1,0 +1,115 @@
+"""Speed layers: other ways of computing the same function, faster on some hardware.
+
+* :func:`matmul_conv`: a convolution as one 2-D matrix product over patches. XLA:CPU runs
+  1x1 and small-map convolutions (and their gradients) much slower than the equivalent
+  matrix products, which is what ResNets on 32x32 inputs consist of. ``conv_impl='auto'``
+  (:data:`CONV_IMPLS`, :func:`use_matmul_conv`) picks it on CPU where it is faster.
+* :func:`fold_eval_bn`: the Adaptive Net in eval mode with every BatchNorm folded into the
+  convolution before it (``mode='folded'``), one multiply less per activation.
+
+Same functions as :mod:`twins_jax.models` computes without them, summed in another order;
+BENCHMARKS.md has what each changes.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+# How convolutions are computed: 'xla' (lax.conv), 'matmul' (matmul_conv) or 'auto':
+# on CPU the matrix product where XLA:CPU's convolution is slow (1x1 kernels, small
+# output maps; see use_matmul_conv and BENCHMARKS.md), lax.conv elsewhere and on
+# every other backend. The same function either way; only the rounding differs.
+CONV_IMPLS = ('auto', 'xla', 'matmul')
+
+
+def use_matmul_conv(kernel: int, out_h: int, out_w: int, out_channels: int) -> bool:
+  """The CPU rule of ``conv_impl='auto'`` (measured with bench/conv_ops.py)."""
+  area = out_h * out_w
+  return kernel == 1 or area <= 16 or (area <= 64 and out_channels >= 256)
+
+
+def _useful_taps(size: int, k: int, stride: int, pad: int, out: int) -> list[int]:
+  """Kernel offsets along one axis that read at least one real (non-padding) input."""
+  return [i for i in range(k)
+          if any(pad <= o * stride + i < pad + size for o in range(out))]
+
+
+def matmul_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+  """``lax.conv`` (NHWC, HWIO, symmetric padding) as one matrix product with patches.
+
+  The patches are strided slices of the padded input concatenated along channels;
+  kernel offsets that only ever read padding are skipped (a 3x3 convolution on a 1x1
+  map is a 1x1 convolution). Same function as the convolution, summed in a different
+  order. XLA:CPU runs small-map convolutions (and their gradients) much slower than
+  the equivalent matrix products, which is what ResNets on 32x32 inputs consist of.
+  """
+  kh, kw, cin, cout = kernel.shape
+  n, h, w, _ = x.shape
+  ho = (h + 2 * pad - kh) // stride + 1
+  wo = (w + 2 * pad - kw) // stride + 1
+  rows = _useful_taps(h, kh, stride, pad, ho)
+  cols = _useful_taps(w, kw, stride, pad, wo)
+  if pad:
+    x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+  patches = [x[:, i:i + span_h:stride, j:j + span_w:stride, :] for i in rows for j in cols]
+  patches = patches[0] if len(patches) == 1 else jnp.concatenate(patches, axis=-1)
+  if len(rows) < kh or len(cols) < kw:
+    kernel = kernel[np.asarray(rows)][:, np.asarray(cols)]
+  # A 2-D product, so that both gradients are 2-D products too (XLA:CPU hands those to
+  # its fast matmul library; dots contracting several axes go to a slower path).
+  y = jnp.dot(patches.reshape(-1, patches.shape[-1]), kernel.reshape(-1, cout))
+  return y.reshape(n, ho, wo, cout)
+
+
+def _folded_conv_name(bn_name: str) -> Optional[str]:
+  """The convolution a BN of the torchvision layout follows: ``bnK`` -> ``convK``,
+  ``downsample_1`` -> ``downsample_0``."""
+  if bn_name.startswith('bn'):
+    return 'conv' + bn_name[2:]
+  if bn_name == 'downsample_1':
+    return 'downsample_0'
+  return None
+
+
+def fold_eval_bn(variables: dict, epsilon: float = 1e-5) -> dict:
+  """Variables of the ``mode='folded'`` net: the EVAL net with each BN folded into its conv.
+
+  The Adaptive Net in eval mode computes ``conv(x, W) * m + (b - mean * m)`` per BN,
+  ``m = scale / sqrt(var + eps)`` (running statistics). Folded, the kernel becomes
+  ``W * m`` (per output channel) and the BN adds ``b - mean * m``: one multiply less
+  per activation, forward and backward. Only the ``params`` differ (the Adaptive
+  affine pair, or the single pair of a plain net, holds the folded bias); pass the
+  result to ``model.apply(..., mode='folded')``. A pure function of the variables, so
+  it can run inside a jitted step (cost: one pass over the convolution weights).
+  """
+  stats = variables['batch_stats']
+
+  def fold(params, stats):
+    out = dict(params)
+    for name, sub in params.items():
+      if not isinstance(sub, Mapping):
+        continue
+      if 'adaptive_scale' in sub or 'scale' in sub:
+        conv = _folded_conv_name(name)
+        if conv is None or conv not in params:
+          raise ValueError(f'Cannot fold BN {name!r}: no convolution {conv!r} before it.')
+        prefix = 'adaptive_' if 'adaptive_scale' in sub else ''
+        scale, bias = sub[prefix + 'scale'], sub[prefix + 'bias']
+        mean, var = stats[name]['mean'], stats[name]['var']
+        mul = scale * jax.lax.rsqrt(var + epsilon)
+        new_bn = dict(sub)
+        new_bn[prefix + 'bias'] = bias - mean * mul
+        out[name] = new_bn
+        kernel = params[conv]['kernel']
+        out[conv] = dict(params[conv], kernel=(kernel * mul.astype(kernel.dtype)))
+      elif 'kernel' not in sub:  # a block: recurse (a kernel is handled with its BN)
+        out[name] = fold(sub, stats[name]) if name in stats else sub
+    return out
+
+  return dict(variables, params=fold(variables['params'], stats))
