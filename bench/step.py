@@ -72,7 +72,7 @@ def parse_args(argv=None):
                  help='also time a large matmul (the practical peak) on the JAX device')
   p.add_argument('--torch-device', default='cpu', help="'cpu' or 'cuda' for the reference")
   p.add_argument('--conv-impl', default='auto', choices=('auto', 'xla', 'matmul'),
-                 help="models.CONV_IMPLS: 'auto' (default), 'xla' (lax.conv everywhere)")
+                 help="speed.CONV_IMPLS: 'auto' (default), 'xla' (lax.conv everywhere)")
   p.add_argument('--fold-bn', action='store_true',
                  help='fold the eval-mode BN into the convolutions during the attack')
   p.add_argument('--no-donate', action='store_true',

@@ -35,6 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.last_batch = 'partial'  # 'partial' (reference: drop_last=False) or 'drop'
   c.augment = ''  # '' picks the dataset's reference augmentation (cifar / imagenet / none)
   c.image_size = 0  # 0 picks the dataset's default (32 for CIFAR, 224 otherwise)
+  # Input pipeline (grain): worker processes (-1: none on CPU, one per core otherwise) and
+  # threads per process. Every batch is the same whatever these are.
+  c.data_workers = -1
+  c.data_threads = 2
 
   # Optimisation (section 2 and 3): SGD, momentum 0.9, coupled weight decay.
   c.batch_size = 128

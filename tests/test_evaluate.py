@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import demo as demo_config
-from twins_jax import evaluate, model_io, models, train
+from twins_jax import evaluate, model_io, models, setup, train
 
 
 def test_sanity_flags_catch_violations():
@@ -24,10 +24,10 @@ def test_sanity_flags_catch_violations():
 
 
 def test_eval_mode_reports_autoattack(tmp_path):
-  model_kwargs = dict(arch='tiny_resnet', num_classes=3, resize=None, twin=True,
-                      share_affine=False)
-  variables = models.init_variables(models.create_model(**model_kwargs), 0)
-  model_io.save_model_dir(tmp_path / 'model', jax.device_get(variables), model_kwargs)
+  spec = models.ModelSpec(arch='tiny_resnet', num_classes=3, resize=None, twin=True,
+                          share_affine=False)
+  variables = models.init_variables(spec.build(), 0)
+  model_io.save_model_dir(tmp_path / 'model', jax.device_get(variables), spec)
 
   config = demo_config.get_config()
   for k in ('source_classes', 'target_classes', 'source_epochs', 'source_lr', 'target_epochs'):
@@ -41,7 +41,7 @@ def test_eval_mode_reports_autoattack(tmp_path):
   saved = json.loads((tmp_path / 'eval' / 'eval_results.json').read_text())
   assert saved['num_examples'] == result['num_examples'] > 0
   from twins_jax import data
-  n_test = len(data.build_datasets(train.data_config(config)).test)
+  n_test = len(data.build_datasets(setup.data_config(config)).test)
   assert saved['num_examples'] == n_test  # every test example exactly once
   assert saved['autoattack_examples'] == 20
   after = saved['autoattack_after']

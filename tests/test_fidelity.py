@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from twins_jax import data, prepare, train
+from twins_jax import data, prepare, setup
 
 # (config key, official value, where) shared by every preset: the step and the protocol.
 COMMON = [
@@ -63,7 +63,7 @@ def test_preset_matches_the_official_settings(preset):
     value = config[key]
     value = tuple(value) if isinstance(value, (list, tuple)) else value
     assert value == official, f'{preset}: config.{key}={value!r}, official {official!r} ({where})'
-  train.check_config(config)
+  setup.check_config(config)
 
 
 def test_high_res_augmentation_is_the_official_one():
@@ -111,11 +111,12 @@ def test_caltech256_split_and_preset(tmp_path, capsys):
   config = importlib.import_module('configs.caltech256').get_config()
   config.folder_train, config.folder_test = str(dst / 'train'), str(dst / 'test')
   config.image_size = 16
-  ds = data.build_datasets(train.data_config(config))
+  ds = data.build_datasets(setup.data_config(config))
   assert (ds.num_classes, len(ds.train), len(ds.test), ds.val) == (3, 180, 8, None)
-  loader = ds.train_loader(config.batch_size)
-  assert loader.steps_per_epoch == math.ceil(180 / 128)
-  assert loader.batch(1)['image'].shape == (52, 16, 16, 3)
+  plan = ds.train_plan(config.batch_size)
+  assert plan.steps_per_epoch == math.ceil(180 / 128)
+  (batch,) = list(ds.train_batches(plan, start_step=1, num_steps=1))
+  assert batch['image'].shape == (52, 16, 16, 3)
 
   # A second run refuses to overwrite, with one line; so does a class without test images.
   assert prepare.main(['caltech256', str(src), str(dst)]) == 2

@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 from configs import default as default_config
-from twins_jax import checkpointing, data, model_io, models, parallel, reporting, train
+from twins_jax import checkpointing, data, model_io, models, parallel, reporting, setup, train
 from twins_jax import step as step_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,11 +131,11 @@ def run_main(args, env, timeout=900) -> subprocess.CompletedProcess:
 
 
 def abstract_train_state(config, num_classes: int):
-  kwargs = train.model_kwargs(config, num_classes)
+  spec = setup.model_spec(config, num_classes)
   tx, _ = step_lib.make_optimizer(config.lr, config.weight_decay, config.momentum, (),
                                   config.lr_gamma)
   abstract = jax.eval_shape(lambda: step_lib.TrainState.create(
-      model_io.abstract_variables(models.create_model(**kwargs)), tx))
+      model_io.abstract_variables(spec.build()), tx))
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                       abstract)
@@ -216,9 +216,9 @@ def check_run_artifacts(workdir: Path, config, num_classes: int, train_size: int
   _, final_variables, final_meta = model_io.load_model_dir(workdir / 'final_model')
   assert final_meta['metadata']['step'] == total and all_finite(final_variables)
   model, variables, meta = model_io.load_model_dir(workdir / 'best_model')
-  assert meta['model_kwargs']['arch'] == config.arch
-  assert meta['model_kwargs']['num_classes'] == num_classes
-  assert meta['model_kwargs']['twin'] == twin
+  assert meta['spec'].arch == config.arch
+  assert meta['spec'].num_classes == num_classes
+  assert meta['spec'].twin == twin
   assert set(variables) == ({'params', 'batch_stats', 'frozen_stats'} if twin
                             else {'params', 'batch_stats'})
   assert all_finite(variables)
@@ -246,7 +246,7 @@ def check_run_artifacts(workdir: Path, config, num_classes: int, train_size: int
 
 
 def digits_sizes(config) -> tuple[int, int]:
-  ds = data.build_datasets(train.data_config(config))
+  ds = data.build_datasets(setup.data_config(config))
   return len(ds.train), len(ds.test)
 
 
@@ -291,13 +291,13 @@ def test_evaluation_counts_every_test_example_once(main_run, compile_cache):
   """results.json's clean accuracy is the plain accuracy over the whole test split."""
   workdir, _ = main_run
   config = tiny_config(compile_cache)
-  ds = data.build_datasets(train.data_config(config))
+  ds = data.build_datasets(setup.data_config(config))
   assert len(ds.test) % config.eval_batch_size != 0  # the last batch is padded
   results = json.loads((workdir / 'results.json').read_text())
   model, variables, _ = model_io.load_model_dir(workdir / 'best_model')
   images = np.stack([ds.test[i][0] for i in range(len(ds.test))]).astype(np.float32) / 255
   labels = np.asarray([ds.test[i][1] for i in range(len(ds.test))])
-  batch = ds.eval_batches('test', len(ds.test)).batch(0)
+  (batch,) = list(ds.eval_batches('test', len(ds.test)))
   np.testing.assert_array_equal(batch['image'], images)  # 'none' augmentation: x / 255
   logits = jax.jit(lambda v, x: model.apply(v, x, mode=models.EVAL))(variables, images)
   correct = int(np.sum(np.argmax(np.asarray(logits), -1) == labels))
@@ -385,15 +385,15 @@ def test_wrong_type_override_is_rejected(flag, name, tmp_path):
 def test_check_config_errors(overrides, match, tmp_path):
   config = tiny_config(**overrides)
   with pytest.raises(ValueError, match=match.replace('.', r'\.')):
-    train.check_config(config)
+    setup.check_config(config)
   with pytest.raises(ValueError, match=match.replace('.', r'\.')):
     train.train_and_evaluate(config, tmp_path / 'w')
   assert not (tmp_path / 'w').exists()  # rejected before anything is written
 
 
 def test_check_config_accepts_tiny_and_presets():
-  train.check_config(tiny_config())
-  train.check_config(tiny_config(lr_milestones=(1, 2.5), digits_classes=(3, 4)))
+  setup.check_config(tiny_config())
+  setup.check_config(tiny_config(lr_milestones=(1, 2.5), digits_classes=(3, 4)))
 
 
 # ----------------------------------------------------------------------------- presets
@@ -429,15 +429,14 @@ def test_preset_loads_and_builds_datasets(preset, tmp_path):
     config.folder_train = str(make_image_folder(tmp_path / 'train', per_class=12))
     config.folder_test = str(make_image_folder(tmp_path / 'test', seed=1))
   if config.mode != 'demo':
-    train.check_config(config)
-    kwargs = train.model_kwargs(config, 10)
-    assert kwargs['resize'] == resize and kwargs['twin']
+    setup.check_config(config)
+    spec = setup.model_spec(config, 10)
+    assert spec.resize == resize and spec.twin
   tfds = pytest.importorskip('tensorflow_datasets')
   with tfds.testing.mock_data(num_examples=24):
-    ds = data.build_datasets(train.data_config(config))
+    ds = data.build_datasets(setup.data_config(config))
     assert ds.image_size == size and (ds.val is None) == (config.val_fraction == 0)
-    loader = ds.train_loader(4, seed=config.seed)
-    batch = loader.batch(0)
+    (batch,) = list(ds.train_batches(ds.train_plan(4), seed=config.seed, num_steps=1))
     assert batch['image'].shape == (4, size, size, 3) and batch['image'].dtype == np.float32
     assert batch['label'].shape == (4,) and batch['label'].dtype == np.int32
     assert 0 <= batch['image'].min() and batch['image'].max() <= 1
@@ -493,14 +492,15 @@ def test_mock_high_res_training_run(compile_cache, tmp_path):
   config = tiny_config(compile_cache, base=dtd, dataset='dtd', image_size=32)
   assert config.augment == 'imagenet' and config.lambda_twins == 0.4
   with tfds.testing.mock_data(num_examples=40):
-    ds = data.build_datasets(train.data_config(config))
-    assert ds.resize_size == 37 and ds.train_loader(16).batch(0)['image'].shape == (16, 32, 32, 3)
+    ds = data.build_datasets(setup.data_config(config))
+    (batch,) = list(ds.train_batches(ds.train_plan(16), num_steps=1))
+    assert ds.resize_size == 37 and batch['image'].shape == (16, 32, 32, 3)
     results = train.train_and_evaluate(config, tmp_path)
   # DTD trains on train + validation (2 x 40), 4 held out: 76 -> 4 steps; test 40.
   assert results['steps'] == 4
   assert results['test']['best']['num_examples'] == 40
   _, _, meta = model_io.load_model_dir(tmp_path / 'best_model')
-  assert meta['model_kwargs']['num_classes'] == 47
+  assert meta['spec'].num_classes == 47
 
 
 # ----------------------------------------------------------------------------- NaN guard

@@ -14,15 +14,53 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from twins_jax import autoattack as aa
-from twins_jax import data, models, parallel, reporting
+from twins_jax import data, model_io, models, parallel, reporting, setup
+from twins_jax import step as step_lib
 
 log = logging.getLogger('twins_jax')
+
+
+class Evaluator:
+  """Clean and PGD accuracy of the Adaptive Net (eval mode) over a whole split.
+
+  Batches are padded and masked, so every example counts exactly once. One compiled
+  program serves every call (and every PGD radius).
+  """
+
+  def __init__(self, model, config, mesh):
+    self.mesh = mesh
+    self.config = config
+    self._step = parallel.jit_eval_step(
+        step_lib.make_eval_step(model, setup.eval_step_config(config)), mesh)
+
+  def __call__(self, variables, batches: data.Batches, key, desc: str = 'eval',
+               eps: Optional[float] = None) -> dict:
+    totals = {'clean': 0.0, 'pgd': 0.0, 'count': 0.0}
+    eps = jnp.float32(self.config.eps if eps is None else eps)
+    outs = []
+    try:
+      for i, batch in enumerate(reporting.progress(batches, total=batches.num_batches, desc=desc,
+                                                   unit='batch',
+                                                   enabled=jax.process_index() == 0)):
+        outs.append(self._step(variables, parallel.shard_batch(batch, self.mesh),
+                               jax.random.fold_in(key, i), eps))
+    finally:
+      batches.close()
+    for out in parallel.fetch(outs):  # one host sync per evaluation
+      totals['clean'] += float(np.sum(out['clean']))
+      totals['pgd'] += float(np.sum(out['pgd']))
+      totals['count'] += float(np.sum(out['mask']))
+    n = max(totals['count'], 1.0)
+    return {'clean_acc': totals['clean'] / n, 'pgd_acc': totals['pgd'] / n,
+            'num_examples': int(totals['count'])}
 
 
 def _host_examples(datasets, config, limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,55 +142,50 @@ def sanity_flags(result: dict, eps_curve: dict) -> dict:
 
 def evaluate_config(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   """``config.mode == 'eval'``: evaluates ``config.pretrained`` on the full test set."""
-  from twins_jax import train  # late import: train imports this module lazily too
-
   if not config.pretrained:
     raise ValueError("config.mode='eval' needs config.pretrained: a model directory, a "
                      'training workdir or a PyTorch checkpoint.')
   src = Path(config.pretrained).expanduser()
   if src.is_dir():
-    from twins_jax import model_io
     src = model_io.resolve_model_dir(src)
   mesh = parallel.data_mesh()
-  datasets = data.build_datasets(train.data_config(config))
-  log.info('%s', datasets.describe())
-  kwargs = train.model_kwargs(config, datasets.num_classes)
+  datasets = setup.build_datasets(config)
+  spec = setup.model_spec(config, datasets.num_classes)
   if src.is_dir():
-    from twins_jax import model_io
-    kwargs = model_io.read_model_json(src)['model_kwargs']
-    if kwargs['num_classes'] != datasets.num_classes:
-      raise ValueError(f'{src} has a {kwargs["num_classes"]}-class head but '
+    spec = model_io.read_model_json(src)['spec']
+    if spec.num_classes != datasets.num_classes:
+      raise ValueError(f'{src} has a {spec.num_classes}-class head but '
                        f'{datasets.name} has {datasets.num_classes} classes.')
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.pretrained = str(src)
-  variables, source = train.initial_variables(cfg, kwargs)
-  model = models.create_model(**kwargs, conv_impl=config.conv_impl)
+  variables, source = setup.initial_variables(cfg, spec)
+  model = spec.build(conv_impl=config.conv_impl)
   variables = parallel.replicate(variables, mesh)
   key = jax.random.fold_in(jax.random.key(config.seed), 2)
   proc, n_proc = jax.process_index(), jax.process_count()
+  options = setup.pipeline_options(config)
 
-  evaluator = train.Evaluator(model, config, mesh)
-  result = evaluator(variables, datasets.eval_batches('test', config.eval_batch_size, proc,
-                                                      n_proc), key, desc='test')
+  def batches(source=None):
+    return datasets.eval_batches('test', config.eval_batch_size, proc, n_proc, source=source,
+                                 **options)
+
+  evaluator = Evaluator(model, config, mesh)
+  result = evaluator(variables, batches(), key, desc='test')
   # Sanity curve: PGD accuracy at 0, eps/2, eps, 2 eps on (a subset of) the test set.
   n_sanity = min(config.sanity_examples or len(datasets.test), len(datasets.test))
   subset = data.SubsetSource(datasets.test, np.arange(n_sanity))
   eps_curve = {}
   for factor in (0.0, 0.5, 1.0, 2.0):
     eps = config.eps * factor
-    batches = data.eval_batches(subset, config.eval_batch_size, datasets.image_size,
-                                datasets.augment, proc, n_proc, resize_size=datasets.resize_size)
-    eps_curve[eps] = evaluator(variables, batches, key, desc=f'sanity eps={eps:.4g}', eps=eps)
+    eps_curve[eps] = evaluator(variables, batches(subset), key, desc=f'sanity eps={eps:.4g}',
+                               eps=eps)
   if config.autoattack != 'none':
     result.update(autoattack_accuracy(model, variables, datasets, config, mesh))
     if result['autoattack_examples'] < result['num_examples']:
       # Compare AutoAttack with PGD on the same examples.
       aa_subset = data.SubsetSource(datasets.test, np.arange(result['autoattack_examples']))
       result['pgd_acc_on_autoattack_examples'] = evaluator(
-          variables, data.eval_batches(aa_subset, config.eval_batch_size, datasets.image_size,
-                                       datasets.augment, proc, n_proc,
-                                       resize_size=datasets.resize_size), key,
-          desc='PGD on the AutoAttack examples')['pgd_acc']
+          variables, batches(aa_subset), key, desc='PGD on the AutoAttack examples')['pgd_acc']
   result['sanity'] = sanity_flags(result, eps_curve)
   result['eps_curve'] = {f'{k:.6g}': v['pgd_acc'] for k, v in eps_curve.items()}
   result['sanity_examples'] = n_sanity

@@ -15,14 +15,16 @@ Semantics are those of the reference (twins-reference.md, section 2):
   TRADES also runs the adversarial forward before the clean one
   (``AT_cifar/train-TRADES.py``).
 
-Each function takes ``forward(x, mode) -> logits`` (which records the Adaptive Net's
-statistics update as a side effect, see :mod:`twins_jax.step`) and returns the loss
-and a dict of per-branch metrics.
+Each function takes ``forward(batch_stats, x, mode) -> (logits, batch_stats)`` (the
+Adaptive Net's running statistics go in and the updated ones come out, see
+:mod:`twins_jax.step`), the running statistics, the clean and adversarial batches and the
+labels, and returns ``(loss, batch_stats, metrics)``: the statistics after every forward
+the objective ran, in order, and a dict of per-branch metrics.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +35,8 @@ from twins_jax.models import FROZEN, TRAIN
 METHODS = ('twins_at', 'twins_trades', 'at', 'trades')
 TWIN_METHODS = ('twins_at', 'twins_trades')
 
-Forward = Callable[[jax.Array, str], jax.Array]
+Stats = Any  # the Adaptive Net's running statistics (the 'batch_stats' collection)
+Forward = Callable[[Stats, jax.Array, str], tuple[jax.Array, Stats]]
 
 
 def cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
@@ -57,55 +60,64 @@ def split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return x[:h], x[h:]
 
 
-def _split_forward(forward: Forward, x: jax.Array):
+def split_forward(forward: Forward, stats: Stats, x: jax.Array):
+  """``((frozen_logits, adaptive_logits), stats)``: the Frozen Net on the first half of
+  ``x``, the Adaptive Net (train mode, statistics updated) on the rest."""
   x_frozen, x_adaptive = split(x)
-  return forward(x_frozen, FROZEN), forward(x_adaptive, TRAIN)
+  logits_f, stats = forward(stats, x_frozen, FROZEN)  # the Frozen Net updates nothing
+  logits_a, stats = forward(stats, x_adaptive, TRAIN)
+  return (logits_f, logits_a), stats
 
 
-def twins_at(forward: Forward, x_nat, x_adv, y, *, lambda_twins: float, beta: float):
+def twins_at(forward: Forward, stats: Stats, x_nat, x_adv, y, *, lambda_twins: float,
+             beta: float):
   del x_nat, beta
   y_f, y_a = split(y)
-  logits_f, logits_a = _split_forward(forward, x_adv)
+  (logits_f, logits_a), stats = split_forward(forward, stats, x_adv)
   loss_f, loss_a = cross_entropy(logits_f, y_f), cross_entropy(logits_a, y_a)
   loss = lambda_twins * loss_f + loss_a
-  return loss, dict(loss=loss, frozen_loss=loss_f, adaptive_loss=loss_a,
-                    frozen_adv_acc=accuracy(logits_f, y_f),
-                    adaptive_adv_acc=accuracy(logits_a, y_a))
+  return loss, stats, dict(loss=loss, frozen_loss=loss_f, adaptive_loss=loss_a,
+                           frozen_adv_acc=accuracy(logits_f, y_f),
+                           adaptive_adv_acc=accuracy(logits_a, y_a))
 
 
-def twins_trades(forward: Forward, x_nat, x_adv, y, *, lambda_twins: float, beta: float):
+def twins_trades(forward: Forward, stats: Stats, x_nat, x_adv, y, *, lambda_twins: float,
+                 beta: float):
   n = x_nat.shape[0]
   y_f, y_a = split(y)
-  adv_f, adv_a = _split_forward(forward, x_adv)  # adversarial first: see the module docstring
-  nat_f, nat_a = _split_forward(forward, x_nat)
+  # Adversarial first, as the official script: see the module docstring.
+  (adv_f, adv_a), stats = split_forward(forward, stats, x_adv)
+  (nat_f, nat_a), stats = split_forward(forward, stats, x_nat)
   nat_loss_f, nat_loss_a = cross_entropy(nat_f, y_f), cross_entropy(nat_a, y_a)
   rob_loss_f, rob_loss_a = kl_sum(adv_f, nat_f) / n, kl_sum(adv_a, nat_a) / n
   loss_nat = lambda_twins * nat_loss_f + nat_loss_a
   loss_rob = lambda_twins * rob_loss_f + rob_loss_a
   loss = loss_nat + beta * loss_rob
-  return loss, dict(loss=loss, natural_loss=loss_nat, robust_loss=loss_rob,
-                    frozen_loss=nat_loss_f + beta * rob_loss_f,
-                    adaptive_loss=nat_loss_a + beta * rob_loss_a,
-                    frozen_clean_acc=accuracy(nat_f, y_f), adaptive_clean_acc=accuracy(nat_a, y_a),
-                    frozen_adv_acc=accuracy(adv_f, y_f), adaptive_adv_acc=accuracy(adv_a, y_a))
+  return loss, stats, dict(
+      loss=loss, natural_loss=loss_nat, robust_loss=loss_rob,
+      frozen_loss=nat_loss_f + beta * rob_loss_f, adaptive_loss=nat_loss_a + beta * rob_loss_a,
+      frozen_clean_acc=accuracy(nat_f, y_f), adaptive_clean_acc=accuracy(nat_a, y_a),
+      frozen_adv_acc=accuracy(adv_f, y_f), adaptive_adv_acc=accuracy(adv_a, y_a))
 
 
-def at(forward: Forward, x_nat, x_adv, y, *, lambda_twins: float, beta: float):
+def at(forward: Forward, stats: Stats, x_nat, x_adv, y, *, lambda_twins: float, beta: float):
   del x_nat, lambda_twins, beta
-  logits = forward(x_adv, TRAIN)
+  logits, stats = forward(stats, x_adv, TRAIN)
   loss = cross_entropy(logits, y)
-  return loss, dict(loss=loss, adaptive_loss=loss, adaptive_adv_acc=accuracy(logits, y))
+  return loss, stats, dict(loss=loss, adaptive_loss=loss, adaptive_adv_acc=accuracy(logits, y))
 
 
-def trades(forward: Forward, x_nat, x_adv, y, *, lambda_twins: float, beta: float):
+def trades(forward: Forward, stats: Stats, x_nat, x_adv, y, *, lambda_twins: float,
+           beta: float):
   del lambda_twins
-  adv = forward(x_adv, TRAIN)  # adversarial first, as the official TRADES script
-  nat = forward(x_nat, TRAIN)
+  adv, stats = forward(stats, x_adv, TRAIN)  # adversarial first, as the official script
+  nat, stats = forward(stats, x_nat, TRAIN)
   loss_nat = cross_entropy(nat, y)
   loss_rob = kl_sum(adv, nat) / x_nat.shape[0]
   loss = loss_nat + beta * loss_rob
-  return loss, dict(loss=loss, natural_loss=loss_nat, robust_loss=loss_rob, adaptive_loss=loss,
-                    adaptive_clean_acc=accuracy(nat, y), adaptive_adv_acc=accuracy(adv, y))
+  return loss, stats, dict(loss=loss, natural_loss=loss_nat, robust_loss=loss_rob,
+                           adaptive_loss=loss, adaptive_clean_acc=accuracy(nat, y),
+                           adaptive_adv_acc=accuracy(adv, y))
 
 
 OBJECTIVES = dict(twins_at=twins_at, twins_trades=twins_trades, at=at, trades=trades)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from twins_jax import attacks, models, objectives
+from twins_jax import attacks, models, objectives, speed
 from twins_jax.models import EVAL, TRAIN
 
 
@@ -82,7 +82,7 @@ class StepConfig:
   # for the TRADES objectives.
   attack_loss: str = 'ce'
   # Attack the Adaptive Net with its eval-mode BN folded into the convolutions
-  # (models.fold_eval_bn): the same function, rounded differently.
+  # (speed.fold_eval_bn): the same function, rounded differently.
   fold_bn_attack: bool = False
 
   def __post_init__(self):
@@ -102,7 +102,7 @@ class StepConfig:
   def attack_logits_fn(self, model, variables):
     """The attacked net: the Adaptive Net in eval mode (BN folded if asked)."""
     if self.fold_bn_attack:
-      folded = models.fold_eval_bn(variables)
+      folded = speed.fold_eval_bn(variables)
       return lambda xa: model.apply(folded, xa, mode=models.FOLDED)
     return lambda xa: model.apply(variables, xa, mode=EVAL)
 
@@ -138,6 +138,23 @@ def diagnostics(params, grads) -> dict:
   return out
 
 
+def make_forward(model: nn.Module, params, frozen_stats) -> objectives.Forward:
+  """``forward(batch_stats, x, mode) -> (logits, batch_stats)`` of the model with ``params``:
+  the running statistics go in explicitly and come out updated by a train-mode forward
+  (unchanged by every other mode)."""
+
+  def forward(batch_stats, x, mode):
+    variables = {'params': params, 'batch_stats': batch_stats}
+    if frozen_stats:
+      variables['frozen_stats'] = frozen_stats
+    if mode == TRAIN:
+      logits, updates = model.apply(variables, x, mode=mode, mutable=['batch_stats'])
+      return logits, updates['batch_stats']
+    return model.apply(variables, x, mode=mode), batch_stats
+
+  return forward
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config: StepConfig,
                     schedule: optax.Schedule | None = None
                     ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
@@ -157,19 +174,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config: 
     x_adv = config.pgd(config.attack_logits_fn(model, eval_vars), x, y, key)
 
     def loss_fn(params):
-      running = {'batch_stats': state.batch_stats}
-
-      def forward(inputs, mode):
-        variables = dict(state.variables, params=params, batch_stats=running['batch_stats'])
-        if mode == TRAIN:
-          logits, updates = model.apply(variables, inputs, mode=mode, mutable=['batch_stats'])
-          running['batch_stats'] = updates['batch_stats']
-          return logits
-        return model.apply(variables, inputs, mode=mode)
-
-      loss, metrics = objective(forward, x, x_adv, y, lambda_twins=config.lambda_twins,
-                                beta=config.beta)
-      return loss, (metrics, running['batch_stats'])
+      forward = make_forward(model, params, state.frozen_stats)
+      loss, batch_stats, metrics = objective(forward, state.batch_stats, x, x_adv, y,
+                                             lambda_twins=config.lambda_twins,
+                                             beta=config.beta)
+      return loss, (metrics, batch_stats)
 
     grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
