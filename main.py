@@ -16,8 +16,9 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py preset.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and results go.')
-flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (auto-detected '
-                  'cluster, e.g. TPU pods, SLURM).')
+flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() (auto-detected '
+    'cluster, e.g. TPU pods, SLURM).')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
 flags.DEFINE_integer('process_id', None, 'This process (multi-host).')
@@ -40,9 +41,8 @@ def main(argv):
   logger.addHandler(handler)
   logger.propagate = False
   if (FLAGS.coordinator_address or FLAGS.distributed) and jax.process_count() > 1:
-    logger.info('jax.distributed: process %d of %d, %d local of %d devices.',
-                jax.process_index(), jax.process_count(), jax.local_device_count(),
-                jax.device_count())
+    logger.info('jax.distributed: process %d of %d, %d local of %d devices.', jax.process_index(),
+                jax.process_count(), jax.local_device_count(), jax.device_count())
     if jax.default_backend() == 'cpu':
       # On CPU the persistent compilation cache's keys differ between processes and
       # only process 0 writes, so on a re-run process 0 would load its programs at

@@ -101,14 +101,18 @@ def main(argv=None):
   out = run_jax(1)  # warm-up
   grads, (logits, _) = out
   if args.save_outputs:
-    flat = {jax.tree_util.keystr(k): np.asarray(v, np.float32)
-            for k, v in jax.tree_util.tree_leaves_with_path(grads)}
+    flat = {
+        jax.tree_util.keystr(k): np.asarray(v, np.float32)
+        for k, v in jax.tree_util.tree_leaves_with_path(grads)
+    }
     np.savez(args.save_outputs, logits=np.asarray(logits, np.float32), **flat)
   numerics = None
   if args.compare:
     ref = np.load(args.compare)
-    flat = {jax.tree_util.keystr(k): np.asarray(v, np.float32)
-            for k, v in jax.tree_util.tree_leaves_with_path(grads)}
+    flat = {
+        jax.tree_util.keystr(k): np.asarray(v, np.float32)
+        for k, v in jax.tree_util.tree_leaves_with_path(grads)
+    }
     rel = lambda a, b: float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
     g = [rel(flat[k], ref[k]) for k in flat]
     numerics = dict(logits_rel=rel(np.asarray(logits, np.float32), ref['logits']),
@@ -150,15 +154,13 @@ def main(argv=None):
   ips_jax = args.batch / med(t_jax)
   ips_torch = args.batch / med(t_torch) if t_torch else float('nan')
   res = dict(arch=args.arch, resize=args.resize, batch=args.batch, dtype=args.dtype,
-             conv_impl=args.conv_impl,
-             xla_flags=os.environ.get('XLA_FLAGS', ''), jax_images_per_s=ips_jax,
-             torch_images_per_s=ips_torch, ratio=ips_jax / ips_torch,
-             jax_times_s=t_jax, torch_times_s=t_torch,
-             jax_cpu_s_per_image=med(c_jax) / args.batch,
+             conv_impl=args.conv_impl, xla_flags=os.environ.get('XLA_FLAGS', ''),
+             jax_images_per_s=ips_jax, torch_images_per_s=ips_torch, ratio=ips_jax / ips_torch,
+             jax_times_s=t_jax, torch_times_s=t_torch, jax_cpu_s_per_image=med(c_jax) / args.batch,
              torch_cpu_s_per_image=med(c_torch) / args.batch if c_torch else None,
              xla_flops_per_image=flops / args.batch if flops else None,
-             jax_flops_per_s=flops / med(t_jax) if flops else None,
-             fusion_kinds=kinds, numerics=numerics, loadavg=os.getloadavg())
+             jax_flops_per_s=flops / med(t_jax) if flops else None, fusion_kinds=kinds,
+             numerics=numerics, loadavg=os.getloadavg())
   print(f"jax {ips_jax:.1f} img/s  torch {ips_torch:.1f} img/s  ratio {ips_jax / ips_torch:.3f}  "
         f"cpu-s/img jax {med(c_jax) / args.batch:.4f} torch {med(c_torch) / args.batch:.4f}  "
         f"XLA GFLOP/img {flops / args.batch / 1e9 if flops else float('nan'):.3f}  "

@@ -33,8 +33,7 @@ def fusion_kinds(compiled) -> dict:
   """
   text = compiled.as_text()
   kinds = collections.Counter(re.findall(r'"kind":"(__[a-z_]+)"', text))
-  kinds.update('onednn:' + m for m in re.findall(r'custom_call_target="(__onednn\$[a-z_]+)"',
-                                                    text))
+  kinds.update('onednn:' + m for m in re.findall(r'custom_call_target="(__onednn\$[a-z_]+)"', text))
   # Convolutions and dots outside library fusions: a fused computation's body holds the
   # library's op too, so count only ops whose computation is not a library fusion body.
   lib_bodies = set(re.findall(r'calls=%([\w.\-]+), [^\n]*"kind":"__', text))
@@ -77,7 +76,7 @@ def analytic_forward_flops(arch: str, num_classes: int, image_size: int,
   s = (s + 2 - 3) // 2 + 1  # max pool 3x3, stride 2, padding 1
   cin = width
   for i, n in enumerate(spec['layers']):
-    planes = width * 2 ** i
+    planes = width * 2**i
     for j in range(n):
       stride = 2 if (i > 0 and j == 0) else 1
       if spec['block'] == 'basic':

@@ -112,7 +112,7 @@ def main():
       jax.block_until_ready(f())
     for f in tfns:
       f()
-    reps = max(1, int(2e8 / max(1, 2 * n * (h // stride) ** 2 * cin * cout * k * k)))
+    reps = max(1, int(2e8 / max(1, 2 * n * (h // stride)**2 * cin * cout * k * k)))
     reps = min(reps, 50)
     res = {'jax': [[], [], []], 'torch': [[], [], []]}
     for _ in range(args.repeats):
@@ -130,15 +130,16 @@ def main():
     med['torch'][1:] = np.maximum(med['torch'][1:] - med['torch'][0], 1e-9)
     for kk in tot:
       tot[kk] += med[kk] * count
-    flops = 2 * n * (h // stride) ** 2 * cin * cout * k * k
+    flops = 2 * n * (h // stride)**2 * cin * cout * k * k
     rows.append((name, h, cin, cout, k, stride, count, flops, med['jax'], med['torch']))
-    print(f'{name:10s} h={h:3d} {cin:4d}->{cout:4d} k{k} s{stride} x{count}  '
-          + '  '.join(f'{part}: jax {med["jax"][i] * 1e3:7.2f} torch {med["torch"][i] * 1e3:7.2f} ms'
-                      f' ({med["jax"][i] / med["torch"][i]:4.1f}x)'
-                      for i, part in enumerate(('fwd', 'dx', 'dw'))), flush=True)
-  print('TOTAL (x count): ' + '  '.join(
-      f'{part}: jax {tot["jax"][i] * 1e3:.1f} ms torch {tot["torch"][i] * 1e3:.1f} ms'
-      for i, part in enumerate(('fwd', 'dx', 'dw'))))
+    print(
+        f'{name:10s} h={h:3d} {cin:4d}->{cout:4d} k{k} s{stride} x{count}  ' +
+        '  '.join(f'{part}: jax {med["jax"][i] * 1e3:7.2f} torch {med["torch"][i] * 1e3:7.2f} ms'
+                  f' ({med["jax"][i] / med["torch"][i]:4.1f}x)'
+                  for i, part in enumerate(('fwd', 'dx', 'dw'))), flush=True)
+  print('TOTAL (x count): ' +
+        '  '.join(f'{part}: jax {tot["jax"][i] * 1e3:.1f} ms torch {tot["torch"][i] * 1e3:.1f} ms'
+                  for i, part in enumerate(('fwd', 'dx', 'dw'))))
   print(f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r} load {os.getloadavg()}')
 
 

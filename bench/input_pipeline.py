@@ -11,6 +11,9 @@ Two workloads, built once into ``--cache`` (no network):
   python bench/input_pipeline.py --workload cifar --batch 128 --steps 40 --workers 0
   python bench/input_pipeline.py --workload folder --batch 64 --steps 10 --workers 2
 
+``--workers`` grain worker processes (0: the calling process) and ``--threads`` threads per
+process; on the threaded loader grain replaced, ``--workers`` was its thread count.
+
 Prints one line per run, last ``images_per_sec=<x>``; ``--json`` appends a record.
 """
 
@@ -46,9 +49,11 @@ def build_cifar_like(root: Path, n: int) -> Path:
     VERSION = tfds.core.Version('1.0.0')
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          'image': tfds.features.Image(shape=(32, 32, 3), encoding_format='png'),
-          'label': tfds.features.ClassLabel(num_classes=10)}))
+      return tfds.core.DatasetInfo(
+          builder=self, features=tfds.features.FeaturesDict({
+              'image': tfds.features.Image(shape=(32, 32, 3), encoding_format='png'),
+              'label': tfds.features.ClassLabel(num_classes=10)
+          }))
 
     def _split_generators(self, dl_manager):
       del dl_manager
@@ -89,12 +94,15 @@ def make_source(workload: str, cache: Path, n: int):
   return data.FolderSource(str(root)), 'imagenet', 224
 
 
-def batches(source, augment, image_size, batch, workers, start, steps):
+def batches(source, augment, image_size, batch, workers, threads, start, steps):
   """The training batches ``start .. start + steps`` of the project's pipeline."""
   from twins_jax import data
   if hasattr(data, 'train_pipeline'):  # the grain pipeline
-    return data.train_pipeline(source, batch, seed=0, augment=augment, image_size=image_size,
-                               start_step=start, num_steps=steps, worker_count=workers)
+    plan = data.TrainPlan(len(source), batch)
+    return data.train_pipeline(source, plan, seed=0, augment=augment, image_size=image_size,
+                               start_step=start, num_steps=steps, worker_count=workers,
+                               threads=threads)
+  # The threaded loader grain replaced (commit d3b9f13): ``workers`` threads per batch.
   loader = data.TrainLoader(source, batch, seed=0, augment=augment, image_size=image_size,
                             num_workers=workers or None)
   return loader.iterate(start, steps)
@@ -107,6 +115,7 @@ def main():
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--workers', type=int, default=0, help='worker processes (0: in process)')
+  parser.add_argument('--threads', type=int, default=1, help='threads per process')
   parser.add_argument('--examples', type=int, default=0,
                       help='dataset size (default 10000 for cifar, 512 for folder)')
   parser.add_argument('--cache', default=os.path.expanduser('~/.cache/twins_jax_bench'))
@@ -115,8 +124,9 @@ def main():
 
   n = args.examples or (10000 if args.workload == 'cifar' else 512)
   source, augment, size = make_source(args.workload, Path(args.cache), n)
-  it = iter(batches(source, augment, size, args.batch, args.workers, 0,
-                    args.warmup + args.steps))
+  it = iter(
+      batches(source, augment, size, args.batch, args.workers, args.threads, 0,
+              args.warmup + args.steps))
   for _ in range(args.warmup):
     next(it)
   t0 = time.perf_counter()
@@ -124,10 +134,11 @@ def main():
   for _ in range(args.steps):
     images += len(next(it)['label'])
   elapsed = time.perf_counter() - t0
+  getattr(it, 'close', lambda: None)()  # stops grain's worker processes
   rate = images / elapsed
-  record = dict(workload=args.workload, batch=args.batch, steps=args.steps,
-                workers=args.workers, examples=n, cpus=os.cpu_count(),
-                seconds=round(elapsed, 3), images_per_sec=round(rate, 1))
+  record = dict(workload=args.workload, batch=args.batch, steps=args.steps, workers=args.workers,
+                threads=args.threads, examples=n, cpus=os.cpu_count(), seconds=round(elapsed, 3),
+                images_per_sec=round(rate, 1))
   print(json.dumps(record))
   if args.json:
     with open(args.json, 'a') as f:

@@ -32,14 +32,13 @@ def main(argv):
       lever.append('fold-bn')
     if not c.get('donate', True):
       lever.append('no-donate')
-    rows.append(
-        f"| {c['resize']} | {c['batch']} | {c['method']} | {c['dtype']}"
-        f"{' ' + ' '.join(lever) if lever else ''} | {tr['jax_images_per_s']:.2f} | "
-        f"{tr['torch_images_per_s']:.2f} | **{tr['ratio_jax_over_torch']:.2f}** | "
-        f"{ev['jax_images_per_s']:.2f} | {ev['torch_images_per_s']:.2f} | "
-        f"{ev['ratio_jax_over_torch']:.2f} | {train_f / 1e9:.1f} | "
-        f"{tr['jax_flops_per_s'] / 1e9:.0f} / {tr['torch_flops_per_s'] / 1e9:.0f} | "
-        f"{r['loadavg'][0]:.1f} |")
+    rows.append(f"| {c['resize']} | {c['batch']} | {c['method']} | {c['dtype']}"
+                f"{' ' + ' '.join(lever) if lever else ''} | {tr['jax_images_per_s']:.2f} | "
+                f"{tr['torch_images_per_s']:.2f} | **{tr['ratio_jax_over_torch']:.2f}** | "
+                f"{ev['jax_images_per_s']:.2f} | {ev['torch_images_per_s']:.2f} | "
+                f"{ev['ratio_jax_over_torch']:.2f} | {train_f / 1e9:.1f} | "
+                f"{tr['jax_flops_per_s'] / 1e9:.0f} / {tr['torch_flops_per_s'] / 1e9:.0f} | "
+                f"{r['loadavg'][0]:.1f} |")
   header = ('| resize | batch | method | dtype | train JAX img/s | train torch img/s | ratio | '
             'PGD-10 eval JAX img/s | eval torch img/s | eval ratio | GFLOP/img (train) | '
             'GFLOP/s JAX / torch | load |\n|' + '---|' * 13)

@@ -79,8 +79,7 @@ def parse_args(argv=None):
                  help="don't donate the training state's buffers to the step (lever off)")
   p.add_argument('--devices', default='all', help="'all' local devices or a number")
   p.add_argument('--xla-flags', default='', help='appended to XLA_FLAGS before importing JAX')
-  p.add_argument('--default-xla-flags', dest='default_xla_flags', action='store_true',
-                 default=True)
+  p.add_argument('--default-xla-flags', dest='default_xla_flags', action='store_true', default=True)
   p.add_argument('--no-default-xla-flags', dest='default_xla_flags', action='store_false')
   p.add_argument('--save-outputs', default='', help=argparse.SUPPRESS)
   p.add_argument('--compare', default='', help=argparse.SUPPRESS)
@@ -147,8 +146,8 @@ def run_jax(args, x, y):
   tx, schedule = step_lib.make_optimizer(0.003, 1e-5, 0.9, (1000,), 0.1)
   extra = dict(fold_bn_attack=True) if args.fold_bn else {}
   config = step_lib.StepConfig(method=args.method, steps=args.attack_steps, **extra)
-  train_step = parallel.jit_train_step(step_lib.make_train_step(model, tx, config, schedule),
-                                       mesh, donate=not args.no_donate)
+  train_step = parallel.jit_train_step(step_lib.make_train_step(model, tx, config, schedule), mesh,
+                                       donate=not args.no_donate)
   state = parallel.replicate(step_lib.TrainState.create(variables, tx), mesh)
   batch = parallel.shard_batch({'image': x, 'label': y}, mesh)
   n_keys = 2 + args.repeats * args.steps_per_repeat
@@ -195,11 +194,10 @@ def run_jax(args, x, y):
       k = args.steps_per_repeat
       return (time.perf_counter() - t) / k, (time.process_time() - c) / k
 
-  info = dict(compile_s=compile_s, xla_flops_per_image=(xla_flops / args.batch
-                                                        if xla_flops else None),
+  info = dict(compile_s=compile_s,
+              xla_flops_per_image=(xla_flops / args.batch if xla_flops else None),
               forward_flops_per_image=f_fwd, xla_forward_flops_per_image=xla_f_fwd,
-              fusion_kinds=kinds,
-              devices=[str(d) for d in devices], backend=jax.default_backend(),
+              fusion_kinds=kinds, devices=[str(d) for d in devices], backend=jax.default_backend(),
               device_kind=devices[0].device_kind)
 
   def check_no_recompile():
@@ -251,6 +249,7 @@ def run_torch(args, x, y):
   sync()
 
   def timed(fn):
+
     def run():
       t, c = time.perf_counter(), time.process_time()
       for _ in range(args.steps_per_repeat):
@@ -258,13 +257,14 @@ def run_torch(args, x, y):
       sync()
       k = args.steps_per_repeat
       return (time.perf_counter() - t) / k, (time.process_time() - c) / k
+
     return run
 
   train_round, eval_round = timed(step), timed(evaluate)
 
-  return dict(train_round=train_round, eval_round=eval_round if args.eval else None,
-              info=dict(torch=torch.__version__, threads=torch.get_num_threads(),
-                        device=str(device)))
+  return dict(
+      train_round=train_round, eval_round=eval_round if args.eval else None,
+      info=dict(torch=torch.__version__, threads=torch.get_num_threads(), device=str(device)))
 
 
 def cpu_name():
@@ -305,7 +305,7 @@ def measured_matmul_peak(dtype_name: str, n: int = 8192, reps: int = 10) -> floa
   for _ in range(reps):
     out = f(a)
   jax.block_until_ready(out)
-  return 2 * n ** 3 * reps / (time.perf_counter() - t)
+  return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
 def torch_forward_flops_per_image(args) -> float:
@@ -364,9 +364,10 @@ def main(argv=None):
         times['je'].append(j['eval_round']())
       if t:
         times['te'].append(t['eval_round']())
-    print(f'  round {r}:' + (f" jax {args.batch / times['jt'][-1][0]:.2f} img/s" if j else '')
-          + (f" torch {args.batch / times['tt'][-1][0]:.2f} img/s" if t else '')
-          + f' (load {os.getloadavg()[0]:.1f})', flush=True)
+    print(
+        f'  round {r}:' + (f" jax {args.batch / times['jt'][-1][0]:.2f} img/s" if j else '') +
+        (f" torch {args.batch / times['tt'][-1][0]:.2f} img/s" if t else '') +
+        f' (load {os.getloadavg()[0]:.1f})', flush=True)
   if j:
     j['check']()
   jt, tt, je, te = ([w for w, _ in times[k]] for k in ('jt', 'tt', 'je', 'te'))
@@ -386,22 +387,17 @@ def main(argv=None):
       machine=dict(cpu=cpu_name(), cores=len(os.sched_getaffinity(0)),
                    platform=platform.platform()),
       command='python bench/step.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
-      config=dict(arch=args.arch, resize=args.resize, image_size=args.image_size,
-                  batch=b, method=args.method, dtype=args.dtype, attack_steps=args.attack_steps,
+      config=dict(arch=args.arch, resize=args.resize, image_size=args.image_size, batch=b,
+                  method=args.method, dtype=args.dtype, attack_steps=args.attack_steps,
                   fold_bn=args.fold_bn, conv_impl=args.conv_impl, donate=not args.no_donate,
-                  repeats=args.repeats,
-                  steps_per_repeat=args.steps_per_repeat),
-      xla_flags=os.environ.get('XLA_FLAGS', ''), jax=jax_version,
-      jax_info=j['info'] if j else None, torch_info=t['info'] if t else None,
-      train=dict(jax_images_per_s=ips(jt), torch_images_per_s=ips(tt),
-                 jax_step_s=jt, torch_step_s=tt, jax_cpu_s_per_image=cpu['jt'],
-                 torch_cpu_s_per_image=cpu['tt']),
-      eval=dict(jax_images_per_s=ips(je), torch_images_per_s=ips(te),
-                jax_step_s=je, torch_step_s=te, jax_cpu_s_per_image=cpu['je'],
-                torch_cpu_s_per_image=cpu['te']),
-      forward_flops_per_image=f_fwd,
-      model_flops_per_image=model_flops,
-      loadavg=os.getloadavg())
+                  repeats=args.repeats, steps_per_repeat=args.steps_per_repeat),
+      xla_flags=os.environ.get('XLA_FLAGS', ''), jax=jax_version, jax_info=j['info'] if j else None,
+      torch_info=t['info'] if t else None,
+      train=dict(jax_images_per_s=ips(jt), torch_images_per_s=ips(tt), jax_step_s=jt,
+                 torch_step_s=tt, jax_cpu_s_per_image=cpu['jt'], torch_cpu_s_per_image=cpu['tt']),
+      eval=dict(jax_images_per_s=ips(je), torch_images_per_s=ips(te), jax_step_s=je,
+                torch_step_s=te, jax_cpu_s_per_image=cpu['je'], torch_cpu_s_per_image=cpu['te']),
+      forward_flops_per_image=f_fwd, model_flops_per_image=model_flops, loadavg=os.getloadavg())
   for part in ('train', 'eval'):
     r = res[part]
     r['ratio_jax_over_torch'] = r['jax_images_per_s'] / r['torch_images_per_s']
@@ -414,15 +410,17 @@ def main(argv=None):
     res['peak'] = dict(measured_matmul_flops_per_s=peak, nominal=nominal)
     res['train']['jax_fraction_of_measured_peak'] = res['train']['jax_flops_per_s'] / peak
     if nominal:
-      res['train']['jax_fraction_of_nominal_peak'] = (res['train']['jax_flops_per_s']
-                                                      / nominal[args.dtype])
+      res['train']['jax_fraction_of_nominal_peak'] = (res['train']['jax_flops_per_s'] /
+                                                      nominal[args.dtype])
 
   if j and args.save_outputs:
     np.savez(args.save_outputs, **j['outputs'])
   if j and args.compare:
     ref = np.load(args.compare)
-    res['numerics'] = {k: float(abs(v - ref[k]) / max(abs(ref[k]), 1e-12))
-                       for k, v in j['outputs'].items() if k in ref}
+    res['numerics'] = {
+        k: float(abs(v - ref[k]) / max(abs(ref[k]), 1e-12)) for k, v in j['outputs'].items()
+        if k in ref
+    }
 
   print(f"{args.arch} resize={args.resize} batch={b} {args.method} {args.dtype} "
         f"PGD-{args.attack_steps}{' fold-bn' if args.fold_bn else ''} conv_impl={args.conv_impl}")
@@ -456,10 +454,10 @@ def main(argv=None):
   if 'peak' in res:
     print(f"  matmul peak measured {res['peak']['measured_matmul_flops_per_s'] / 1e12:.1f} "
           f"TFLOP/s ({args.dtype}); training step at "
-          f"{100 * res['train']['jax_fraction_of_measured_peak']:.1f}% of it"
-          + (f", {100 * res['train']['jax_fraction_of_nominal_peak']:.1f}% of nominal "
-             f"{res['peak']['nominal'][args.dtype] / 1e12:.0f} TFLOP/s" if res['peak']['nominal']
-             else ''))
+          f"{100 * res['train']['jax_fraction_of_measured_peak']:.1f}% of it" +
+          (f", {100 * res['train']['jax_fraction_of_nominal_peak']:.1f}% of nominal "
+           f"{res['peak']['nominal'][args.dtype] / 1e12:.0f} TFLOP/s"
+           if res['peak']['nominal'] else ''))
   print(f"  load average {res['loadavg']}")
   if args.json:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -59,8 +59,10 @@ def main():
   results = {}
   for name in names:
     out = os.path.join(tmp, f'{name}.json')
-    cmd = [sys.executable, os.path.join(here, f'{args.script}.py'),
-           f'--xla-flags={FLAG_SETS[name]}', '--json', out] + rest
+    cmd = [
+        sys.executable,
+        os.path.join(here, f'{args.script}.py'), f'--xla-flags={FLAG_SETS[name]}', '--json', out
+    ] + rest
     cmd += ['--save-outputs', ref] if name == 'default' else ['--compare', ref]
     print('$', ' '.join(cmd), flush=True)
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -68,13 +70,15 @@ def main():
     if r.returncode == 0:
       with open(out) as f:
         results[name] = json.load(f)
-  print(f"\n{'flags':22s} {'jax img/s':>10s} {'torch img/s':>12s} {'ratio':>7s} {'load':>5s}  numerics")
+  print(
+      f"\n{'flags':22s} {'jax img/s':>10s} {'torch img/s':>12s} {'ratio':>7s} {'load':>5s}  numerics"
+  )
   for name, r in results.items():
     if 'train' in r:  # bench/step.py writes per-part results
       r = dict(r, jax_images_per_s=r['train']['jax_images_per_s'],
                torch_images_per_s=r['train']['torch_images_per_s'],
-               ratio=r['train']['ratio_jax_over_torch'],
-               fusion_kinds=(r.get('jax_info') or {}).get('fusion_kinds'))
+               ratio=r['train']['ratio_jax_over_torch'], fusion_kinds=(r.get('jax_info') or
+                                                                       {}).get('fusion_kinds'))
     print(f"{name:22s} {r['jax_images_per_s']:10.2f} {r['torch_images_per_s']:12.2f} "
           f"{r['ratio']:7.3f} {r['loadavg'][0]:5.1f}  {r.get('numerics')}  {r.get('fusion_kinds')}")
   if args.out:

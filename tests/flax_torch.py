@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import torch
 
+
 def rel_err(a, b) -> float:
   """Norm-wise relative error of a tensor, ``||a - b|| / ||b||``, computed in float64."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -76,8 +77,10 @@ def load_into(torch_model: torch.nn.Module, variables: dict, twin: bool) -> None
   for a twin network, the unused ``fc`` head) must be covered."""
   state = flax_to_torch(variables, twin)
   missing, unexpected = torch_model.load_state_dict(state, strict=False)
-  missing = [m for m in missing if not m.endswith('num_batches_tracked')
-             and not (twin and m in TWIN_UNUSED)]
+  missing = [
+      m for m in missing
+      if not m.endswith('num_batches_tracked') and not (twin and m in TWIN_UNUSED)
+  ]
   assert not missing and not unexpected, (missing, unexpected)
 
 

@@ -3,7 +3,6 @@
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -85,8 +84,8 @@ def test_compile_time_does_not_grow_with_steps(setup):
   logits_fn, x, y = setup
   sizes = {}
   for steps in (10, 50):
-    f = jax.jit(lambda x, y, k: attacks.pgd(logits_fn, x, y, k, eps=EPS, alpha=2 / 255,
-                                            steps=steps))
+    f = jax.jit(
+        lambda x, y, k: attacks.pgd(logits_fn, x, y, k, eps=EPS, alpha=2 / 255, steps=steps))
     t = time.perf_counter()
     lowered = f.lower(x, y, jax.random.key(0))
     compiled = lowered.compile()

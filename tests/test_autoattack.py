@@ -56,7 +56,7 @@ def _run(name, fn, x, y, key, norm, eps, **kw):
 
 def _norm(v, norm):
   v = np.asarray(v).reshape(v.shape[0], -1)
-  return np.abs(v).max(1) if norm == 'Linf' else np.sqrt((v ** 2).sum(1))
+  return np.abs(v).max(1) if norm == 'Linf' else np.sqrt((v**2).sum(1))
 
 
 def _pred(fn, x):
@@ -123,10 +123,10 @@ def test_suite(setup, norm, version):
   fn, x, y = setup
   eps = EPSS[norm][1]
   msgs = []
-  x_adv, robust, accs = aa.autoattack(
-      fn, x, y, jax.random.PRNGKey(0), norm=norm, eps=eps, version=version, batch_size=N,
-      progress=msgs.append, n_iter=N_ITER, n_target_classes=N_TC, fab_n_iter=FAB_ITER,
-      n_queries=N_QUERIES)
+  x_adv, robust, accs = aa.autoattack(fn, x, y, jax.random.PRNGKey(0), norm=norm, eps=eps,
+                                      version=version, batch_size=N, progress=msgs.append,
+                                      n_iter=N_ITER, n_target_classes=N_TC, fab_n_iter=FAB_ITER,
+                                      n_queries=N_QUERIES)
   names = ['apgd-ce', 'apgd-t'] + (['fab-t', 'square'] if version == 'standard' else [])
   assert list(accs) == ['clean'] + names
   vals = list(accs.values())
@@ -148,8 +148,7 @@ def test_suite_padding_and_batching(setup):
   fn, x, y = setup
   kw = dict(norm='Linf', eps=EPSS['Linf'][1], attacks=['apgd-ce'], n_iter=N_ITER)
   xa_full, r_full, acc_full = aa.autoattack(fn, x, y, jax.random.PRNGKey(0), batch_size=N, **kw)
-  xa_small, r_small, acc_small = aa.autoattack(fn, x, y, jax.random.PRNGKey(0), batch_size=20,
-                                               **kw)
+  xa_small, r_small, acc_small = aa.autoattack(fn, x, y, jax.random.PRNGKey(0), batch_size=20, **kw)
   r_full, r_small = np.asarray(r_full), np.asarray(r_small)
   # Identical on CPU; allow one flip for accelerators whose matmuls depend on the shape.
   assert np.sum(r_full != r_small) <= 1
@@ -165,7 +164,7 @@ def test_square_schedule_and_eta():
   stages = [int(sq.p_stage(jnp.int32(i), 5000, False)) for i in (0, 10, 11, 50, 51, 8001)]
   assert stages == [0, 0, 1, 1, 2, 9]
   e = sq.eta(5)
-  assert np.isclose((e ** 2).sum(), 1.) and (e[:2] >= 0).all() and (e[2:] <= 0).all()
+  assert np.isclose((e**2).sum(), 1.) and (e[:2] >= 0).all() and (e[2:] <= 0).all()
 
 
 def test_compile_time_does_not_grow_with_iterations():

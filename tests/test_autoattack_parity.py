@@ -41,8 +41,8 @@ def test_parity_with_torchattacks_reduced():
     pytest.skip('torchattacks is not installed (pip install --no-deps torchattacks)')
   rows = bench.run_parity(n_test=500, eps=.2, norm='Linf', n_queries=1000, n_target_classes=3,
                           square_seeds=3, square_on_all=True, epochs=40)
-  assert [r['attack'].split(' ')[0] for r in rows] == [
-      'APGD-CE', 'APGD-T', 'FAB-T', 'Square', 'AutoAttack']
+  assert [r['attack'].split(' ')[0] for r in rows
+         ] == ['APGD-CE', 'APGD-T', 'FAB-T', 'Square', 'AutoAttack']
   for r in rows:
     assert 20. <= r['ours'] <= 80., r
     assert abs(r['diff']) <= 1.0, r

@@ -45,11 +45,12 @@ def test_folded_logits_equal_eval_float64(twin):
     assert flax_torch.rel_err(out, ref) < 1e-12
     # Only the convolution kernels and the Adaptive (or only) BN bias changed.
     changed = jax.tree_util.tree_map_with_path(
-        lambda p, a, b: (jax.tree_util.keystr(p), not np.array_equal(a, b)),
-        folded['params'], variables['params'])
+        lambda p, a, b: (jax.tree_util.keystr(p), not np.array_equal(a, b)), folded['params'],
+        variables['params'])
     for name, moved in jax.tree.leaves(changed, is_leaf=lambda t: isinstance(t, tuple)):
-      expect = name.endswith("['kernel']") and 'fc' not in name or (
-          name.endswith("bias']") and 'frozen' not in name and 'fc' not in name)
+      expect = name.endswith("['kernel']") and 'fc' not in name or (name.endswith("bias']") and
+                                                                    'frozen' not in name and
+                                                                    'fc' not in name)
       assert moved == expect, name
     for key in ('batch_stats', 'frozen_stats'):
       if key in variables:
@@ -116,7 +117,8 @@ def test_xla_flags_apply_keeps_user_settings(monkeypatch):
 
 CONV_CASES = [  # (size, k, stride, cin, cout): stem, 3x3 on 8/2/1 maps, strided 1x1, odd sizes
     (32, 7, 2, 3, 4), (8, 3, 1, 4, 5), (2, 3, 2, 3, 4), (1, 3, 1, 3, 2), (2, 3, 1, 2, 3),
-    (8, 1, 2, 3, 4), (7, 3, 2, 2, 3), (5, 1, 1, 3, 2), (3, 3, 2, 2, 2)]
+    (8, 1, 2, 3, 4), (7, 3, 2, 2, 3), (5, 1, 1, 3, 2), (3, 3, 2, 2, 2)
+]
 
 
 @pytest.mark.parametrize('size,k,stride,cin,cout', CONV_CASES)
@@ -126,8 +128,8 @@ def test_matmul_conv_equals_lax_conv_float64(size, k, stride, cin, cout):
     x = jnp.asarray(rng.standard_normal((2, size, size, cin)))
     w = jnp.asarray(rng.standard_normal((k, k, cin, cout)))
     p = k // 2
-    ref_fn = lambda x, w: jax.lax.conv_general_dilated(
-        x, w, (stride, stride), ((p, p), (p, p)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    ref_fn = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), (
+        (p, p), (p, p)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     ours_fn = lambda x, w: speed.matmul_conv(x, w, stride, p)
     y_ref, vjp_ref = jax.vjp(ref_fn, x, w)
     y, vjp = jax.vjp(ours_fn, x, w)
@@ -146,8 +148,8 @@ def test_conv_impls_share_variables_and_logits():
     variables[impl] = models.init_variables(model, 0)
     logits[impl] = model.apply(variables[impl], x, mode=models.EVAL)
   for impl in ('auto', 'matmul'):
-    assert (jax.tree_util.tree_structure(variables[impl])
-            == jax.tree_util.tree_structure(variables['xla']))
+    assert (jax.tree_util.tree_structure(variables[impl]) == jax.tree_util.tree_structure(
+        variables['xla']))
     for a, b in zip(jax.tree.leaves(variables[impl]), jax.tree.leaves(variables['xla'])):
       np.testing.assert_array_equal(a, b)
     assert flax_torch.rel_err(logits[impl], logits['xla']) < 1e-5

@@ -34,11 +34,13 @@ def test_bf16_model_has_fp32_variables_and_bf16_matmuls(setup):
   dtypes = {leaf.dtype for leaf in jax.tree.leaves(init)}
   assert dtypes == {jnp.dtype(jnp.float32)}
   jaxpr = jax.make_jaxpr(lambda v, x: bf16.apply(v, x, mode=models.EVAL))(variables, x)
-  heavy = [e for e in jaxpr.jaxpr.eqns
-           if e.primitive.name in ('conv_general_dilated', 'dot_general')]
+  heavy = [
+      e for e in jaxpr.jaxpr.eqns if e.primitive.name in ('conv_general_dilated', 'dot_general')
+  ]
   assert heavy, 'no convolution or matrix product found'
   assert all(v.aval.dtype == jnp.bfloat16 for e in heavy for v in e.invars), [
-      [v.aval.dtype for v in e.invars] for e in heavy]
+      [v.aval.dtype for v in e.invars] for e in heavy
+  ]
   out32 = fp32.apply(variables, x, mode=models.EVAL)
   out16 = bf16.apply(variables, x, mode=models.EVAL)
   assert out16.dtype == jnp.float32  # the head's output is fp32 for the loss
@@ -53,10 +55,11 @@ def _one_step(setup, steps):
   out = {}
   for name, model in (('fp32', fp32), ('bf16', bf16)):
     train_step = jax.jit(step_lib.make_train_step(model, tx, config, schedule))
-    state, metrics = train_step(step_lib.TrainState.create(variables, tx), batch,
-                                jax.random.key(0))
-    update = np.concatenate([np.ravel(a - b) for a, b in zip(
-        jax.tree.leaves(state.params), jax.tree.leaves(variables['params']))])
+    state, metrics = train_step(step_lib.TrainState.create(variables, tx), batch, jax.random.key(0))
+    update = np.concatenate([
+        np.ravel(a - b)
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(variables['params']))
+    ])
     out[name] = state, float(metrics['loss']), update
   return out
 

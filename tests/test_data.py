@@ -50,14 +50,13 @@ class Loader:
                                process_count, shard_multiple)
     self.source, self.seed = source, seed
     self.options = dict(augment=augment, resize_size=resize_size, worker_count=worker_count,
-                        threads=threads,
-                        image_size=image_size or source[0][0].shape[0])
+                        threads=threads, image_size=image_size or source[0][0].shape[0])
     self.steps_per_epoch = self.plan.steps_per_epoch
 
   def iterate(self, start_step, num_steps):
-    return data.Batches(data.train_pipeline(self.source, self.plan, seed=self.seed,
-                                            start_step=start_step, num_steps=num_steps,
-                                            **self.options), num_steps)
+    return data.Batches(
+        data.train_pipeline(self.source, self.plan, seed=self.seed, start_step=start_step,
+                            num_steps=num_steps, **self.options), num_steps)
 
   def batch(self, step):
     (out,) = list(self.iterate(step, 1))
@@ -87,10 +86,11 @@ def random_source(n, size=32, seed=0, num_classes=10):
 # ------------------------------------------------------------------------------------------
 # TFDS (mocked) CIFAR-10 and high-resolution datasets.
 
+
 def test_cifar10_mock_pipeline():
   with mocked_tfds(50):
-    ds = data.build_datasets(cfg(dataset='cifar10', data_dir='/nonexistent', val_fraction=0.1,
-                                 seed=3))
+    ds = data.build_datasets(
+        cfg(dataset='cifar10', data_dir='/nonexistent', val_fraction=0.1, seed=3))
     assert (ds.num_classes, ds.image_size, ds.augment) == (10, 32, 'cifar')
     assert (len(ds.train), len(ds.val), len(ds.test)) == (45, 5, 50)
     assert 'cifar10' in ds.describe() and 'val 5' in ds.describe()
@@ -106,8 +106,9 @@ def test_cifar10_mock_pipeline():
 
     # Resume: a fresh loader gives the same batches; two hosts' shares give the global batch.
     again = ds_loader(ds, 16, last_batch='drop')
-    hosts = [ds_loader(ds, 16, process_index=i, process_count=2, last_batch='drop')
-             for i in range(2)]
+    hosts = [
+        ds_loader(ds, 16, process_index=i, process_count=2, last_batch='drop') for i in range(2)
+    ]
     for step in (0, 1, 2, 5):
       assert_batches_equal(loader.batch(step), again.batch(step))
       assert_batches_equal(loader.batch(step), concat_hosts([h.batch(step) for h in hosts]))
@@ -119,8 +120,8 @@ def test_cifar10_mock_pipeline():
 
 def test_high_resolution_mock_with_imagenet_augmentation():
   with mocked_tfds(24):
-    birds = data.build_datasets(cfg(dataset='caltech_birds2011', image_size=24, resize_size=28,
-                                    val_fraction=0.125, seed=1))
+    birds = data.build_datasets(
+        cfg(dataset='caltech_birds2011', image_size=24, resize_size=28, val_fraction=0.125, seed=1))
     assert (birds.num_classes, birds.augment, birds.image_size) == (200, 'imagenet', 24)
     assert (len(birds.train), len(birds.val), len(birds.test)) == (21, 3, 24)
     # (Mocked TFDS exists in this process only, so no worker processes here; threads.)
@@ -152,9 +153,11 @@ class TwinsTinyGray(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   VERSION = tfds.core.Version('1.0.0')
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        'image': tfds.features.Image(shape=(None, None, 1), encoding_format='png'),
-        'label': tfds.features.ClassLabel(num_classes=3)}))
+    return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(None, None, 1), encoding_format='png'),
+            'label': tfds.features.ClassLabel(num_classes=3)
+        }))
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -185,8 +188,9 @@ def test_prepared_tfds_dataset_is_read_without_tensorflow(tmp_path):
   batch = Loader(source, 4, seed=0, augment='imagenet', image_size=8).batch(0)
   assert batch['image'].shape == (4, 8, 8, 3)
   # A worker process reopens the prepared dataset by name and reads the same batch.
-  assert_batches_equal(batch, Loader(source, 4, seed=0, augment='imagenet', image_size=8,
-                                     worker_count=1).batch(0))
+  assert_batches_equal(
+      batch,
+      Loader(source, 4, seed=0, augment='imagenet', image_size=8, worker_count=1).batch(0))
 
 
 def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
@@ -200,6 +204,7 @@ def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
 
 # ------------------------------------------------------------------------------------------
 # Validation split.
+
 
 def test_val_split_disjoint_sized_and_seeded():
   train, val = data.split_train_val(1000, 0.05, seed=7)
@@ -226,6 +231,7 @@ def test_val_split_disjoint_sized_and_seeded():
 
 # ------------------------------------------------------------------------------------------
 # Training batches: determinism, resume, hosts, epochs.
+
 
 def test_train_loader_resume_hosts_and_epochs():
   source = random_source(40, size=8)
@@ -306,6 +312,7 @@ def test_partial_batch_host_rows(shard_multiple):
 
 
 class Broken(data.ArraySource):
+
   def __getitem__(self, i):
     raise RuntimeError('cannot decode example')
 
@@ -334,13 +341,16 @@ def test_worker_processes_and_threads_change_nothing():
 # ------------------------------------------------------------------------------------------
 # Evaluation batches.
 
+
 @pytest.mark.parametrize('process_count', [1, 2])
 def test_eval_covers_every_example_once(process_count):
   n, batch = 37, 8
   images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
   source = data.ArraySource(images, np.arange(n), num_classes=n)
-  per_host = [eval_list(source, batch, image_size=4, process_index=i,
-                        process_count=process_count) for i in range(process_count)]
+  per_host = [
+      eval_list(source, batch, image_size=4, process_index=i, process_count=process_count)
+      for i in range(process_count)
+  ]
   assert data.num_eval_batches(n, batch) == 5 and all(len(h) == 5 for h in per_host)
   merged = [concat_hosts(parts) for parts in zip(*per_host)]
   assert all(b['image'].shape == (batch, 4, 4, 3) for b in merged)
@@ -357,6 +367,7 @@ def test_eval_covers_every_example_once(process_count):
 
 # ------------------------------------------------------------------------------------------
 # Augmentations.
+
 
 def test_cifar_augmentation_matches_manual_reference():
   source = random_source(32, size=32, seed=4)
@@ -378,8 +389,8 @@ def test_cifar_augmentation_matches_manual_reference():
     # Independently of the RNG protocol: the output is one of the 9 x 9 x 2 crops/flips.
     out = np.rint(batch['image'][row] * 255).astype(np.uint8)
     candidates = [(t, l, f) for t in range(9) for l in range(9) for f in (False, True)
-                  if np.array_equal(out, (lambda c: c[:, ::-1] if f else c)(
-                      padded[t:t + 32, l:l + 32]))]
+                  if np.array_equal(out, (lambda c: c[:, ::-1] if f else c)(padded[t:t + 32,
+                                                                                   l:l + 32]))]
     assert candidates
     shifted += (top, left) != (4, 4)
     flipped += flip
@@ -428,6 +439,7 @@ def test_random_resized_crop_params():
 # ------------------------------------------------------------------------------------------
 # Digits and image folders.
 
+
 def test_digits_source_subsets_and_upsampling():
   from sklearn.datasets import load_digits
   raw = load_digits()
@@ -444,10 +456,10 @@ def test_digits_source_subsets_and_upsampling():
   assert len(subset) == (raw.target == 7).sum() + (raw.target == 2).sum()
   assert (subset.labels == 0).sum() == (raw.target == 7).sum()
 
-  a = data.build_datasets(cfg(dataset='digits', digits_classes=[0, 1, 2, 3, 4], seed=0,
-                              val_fraction=0.05))
-  b = data.build_datasets(cfg(dataset='digits', digits_classes=[0, 1, 2, 3, 4], seed=9,
-                              val_fraction=0.05))
+  a = data.build_datasets(
+      cfg(dataset='digits', digits_classes=[0, 1, 2, 3, 4], seed=0, val_fraction=0.05))
+  b = data.build_datasets(
+      cfg(dataset='digits', digits_classes=[0, 1, 2, 3, 4], seed=9, val_fraction=0.05))
   assert a.num_classes == 5 and a.image_size == 32 and a.augment == 'none'
   images = lambda source: collections.Counter(source[i][0].tobytes() for i in range(len(source)))
   assert images(a.test) == images(b.test)  # the test split does not depend on the seed
@@ -467,8 +479,8 @@ def make_folder(root, classes, sizes, mode='RGB', ext='png'):
     os.makedirs(root / name, exist_ok=True)
     for k, (h, w) in enumerate(sizes):
       shape = (h, w) if mode == 'L' else (h, w, 3)
-      Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(
-          root / name / f'img{k}.{ext}')
+      Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8),
+                      mode).save(root / name / f'img{k}.{ext}')
 
 
 def test_image_folder_dataset(tmp_path):
@@ -477,8 +489,9 @@ def test_image_folder_dataset(tmp_path):
   make_folder(train, ['a_cat'], [(21, 22)], mode='L', ext='jpg')  # grayscale JPEG
   (train / 'c_owl' / 'notes.txt').write_text('not an image')
   make_folder(test, ['a_cat', 'b_dog', 'c_owl'], [(25, 20)])
-  ds = data.build_datasets(cfg(dataset='folder', folder_train=str(train), folder_test=str(test),
-                               image_size=16, resize_size=20, val_fraction=0.1, seed=0))
+  ds = data.build_datasets(
+      cfg(dataset='folder', folder_train=str(train), folder_test=str(test), image_size=16,
+          resize_size=20, val_fraction=0.1, seed=0))
   assert ds.num_classes == 3 and ds.class_names == ['a_cat', 'b_dog', 'c_owl']
   assert (len(ds.train), len(ds.val), len(ds.test)) == (9, 1, 3)
   pool = ds.train.source
@@ -494,12 +507,13 @@ def test_image_folder_dataset(tmp_path):
 
   make_folder(tmp_path / 'bad_test', ['a_cat', 'zebra'], [(8, 8)])
   with pytest.raises(ValueError, match='zebra'):
-    data.build_datasets(cfg(dataset='folder', folder_train=str(train),
-                            folder_test=str(tmp_path / 'bad_test')))
+    data.build_datasets(
+        cfg(dataset='folder', folder_train=str(train), folder_test=str(tmp_path / 'bad_test')))
 
 
 # ------------------------------------------------------------------------------------------
 # Configuration errors.
+
 
 def test_configuration_errors(tmp_path):
   with pytest.raises(ValueError, match='unknown dataset.*cifar10.*digits'):
@@ -510,8 +524,8 @@ def test_configuration_errors(tmp_path):
   with pytest.raises(ValueError, match='folder_test'):
     data.build_datasets(cfg(dataset='folder', folder_train=str(tmp_path)))
   with pytest.raises(FileNotFoundError, match='folder_train'):
-    data.build_datasets(cfg(dataset='folder', folder_train=str(tmp_path / 'missing'),
-                            folder_test=str(tmp_path)))
+    data.build_datasets(
+        cfg(dataset='folder', folder_train=str(tmp_path / 'missing'), folder_test=str(tmp_path)))
   with pytest.raises(FileNotFoundError, match='no class subfolders'):
     data.build_datasets(cfg(dataset='folder', folder_train=str(tmp_path),
                             folder_test=str(tmp_path)))

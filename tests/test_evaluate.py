@@ -3,7 +3,6 @@
 import json
 
 import jax
-import numpy as np
 import pytest
 
 from configs import demo as demo_config
@@ -11,8 +10,10 @@ from twins_jax import evaluate, model_io, models, setup, train
 
 
 def test_sanity_flags_catch_violations():
-  curve = {0.0: {'clean_acc': 0.9, 'pgd_acc': 0.9}, 0.1: {'clean_acc': 0.9, 'pgd_acc': 0.5},
-           0.2: {'clean_acc': 0.9, 'pgd_acc': 0.3}}
+  curve = {
+      0.0: {'clean_acc': 0.9, 'pgd_acc': 0.9}, 0.1: {'clean_acc': 0.9, 'pgd_acc': 0.5},
+      0.2: {'clean_acc': 0.9, 'pgd_acc': 0.3}
+  }
   good = {'clean_acc': 0.9, 'pgd_acc': 0.5, 'autoattack_acc': 0.45}
   assert all(evaluate.sanity_flags(good, curve).values())
   bad_curve = dict(curve)
@@ -33,9 +34,8 @@ def test_eval_mode_reports_autoattack(tmp_path):
   for k in ('source_classes', 'target_classes', 'source_epochs', 'source_lr', 'target_epochs'):
     del config[k]
   config.update(mode='eval', pretrained=str(tmp_path / 'model'), digits_classes=(0, 1, 2),
-                image_size=16, autoattack='fast', autoattack_max_examples=20,
-                sanity_examples=40, eval_attack_steps=2, eval_batch_size=32,
-                compilation_cache_dir='none')
+                image_size=16, autoattack='fast', autoattack_max_examples=20, sanity_examples=40,
+                eval_attack_steps=2, eval_batch_size=32, compilation_cache_dir='none')
   result = train.train_and_evaluate(config, tmp_path / 'eval')
 
   saved = json.loads((tmp_path / 'eval' / 'eval_results.json').read_text())
@@ -47,8 +47,9 @@ def test_eval_mode_reports_autoattack(tmp_path):
   after = saved['autoattack_after']
   assert list(after) == ['clean', 'apgd-ce', 'apgd-t']
   assert after['clean'] >= after['apgd-ce'] >= after['apgd-t'] == saved['autoattack_acc']
-  assert set(saved['sanity']) == {'eps0_equals_clean', 'pgd_le_clean', 'autoattack_le_pgd',
-                                  'non_increasing_in_eps'}
+  assert set(saved['sanity']) == {
+      'eps0_equals_clean', 'pgd_le_clean', 'autoattack_le_pgd', 'non_increasing_in_eps'
+  }
   assert all(saved['sanity'].values()), saved['sanity']
   assert len(saved['eps_curve']) == 4
   text = (tmp_path / 'eval' / 'eval_results.md').read_text()

@@ -52,8 +52,10 @@ HIGH_RES = [
     ('augment', 'imagenet', 'TWINS_high_res_data/train-TWINS-AT.py:332-347'),
     ('image_size', 224, 'TWINS_high_res_data/train-TWINS-AT.py:334 and 344'),
 ]
-PRESETS = {'cifar10': CIFAR, 'cifar100': CIFAR, 'cub200': HIGH_RES, 'stanford_dogs': HIGH_RES,
-           'dtd': HIGH_RES, 'folder': HIGH_RES, 'caltech256': HIGH_RES}
+PRESETS = {
+    'cifar10': CIFAR, 'cifar100': CIFAR, 'cub200': HIGH_RES, 'stanford_dogs': HIGH_RES,
+    'dtd': HIGH_RES, 'folder': HIGH_RES, 'caltech256': HIGH_RES
+}
 
 
 @pytest.mark.parametrize('preset', sorted(PRESETS))

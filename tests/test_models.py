@@ -31,8 +31,7 @@ def test_nearest_resize_equals_torch(size_in, size_out):
 
 def test_modes_differ_and_only_train_updates(tiny):
   model, variables, x = tiny
-  outs = {m: model.apply(variables, x, mode=m, mutable=['batch_stats'])
-          for m in models.MODES}
+  outs = {m: model.apply(variables, x, mode=m, mutable=['batch_stats']) for m in models.MODES}
   for m in (models.FROZEN, models.BATCH, models.EVAL):
     for a, b in zip(jax.tree.leaves(outs[m][1]), jax.tree.leaves(variables['batch_stats'])):
       np.testing.assert_array_equal(a, b)
@@ -48,12 +47,13 @@ def test_modes_differ_and_only_train_updates(tiny):
 def test_running_variance_is_unbiased(tiny):
   model, variables, x = tiny
   _, updates = model.apply(variables, x, mode=models.TRAIN, mutable=['batch_stats'])
+
   # bn1 sees the stem convolution's output: recompute its batch statistics by hand.
-  stem = model.bind(variables)
   def conv_out(mdl, x):
     h = (models.nearest_resize(x, 32) - jnp.asarray(models.IMAGENET_MEAN)) / jnp.asarray(
         models.IMAGENET_STD)
     return models.torch_conv(8, 7, 2, name='conv1')(h)
+
   feats = np.asarray(nn_apply(conv_out, variables, x), np.float64)
   n = feats.size // feats.shape[-1]
   mean, var = feats.mean((0, 1, 2)), feats.var((0, 1, 2)) * n / (n - 1)
@@ -67,6 +67,7 @@ def nn_apply(fn, variables, x):
   import flax.linen as nn
 
   class Stem(nn.Module):
+
     @nn.compact
     def __call__(self, x):
       return fn(self, x)

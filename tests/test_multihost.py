@@ -43,12 +43,22 @@ LR, WEIGHT_DECAY = 0.01, 5e-4
 STEPS = 5
 FLAGS = [
     '--config=configs/default.py',
-    '--config.arch=tiny_resnet', '--config.resize=0', '--config.method=twins_at',
-    '--config.dataset=digits', '--config.digits_classes=(0,1,2)', '--config.image_size=16',
-    '--config.batch_size=64', '--config.eval_batch_size=64', '--config.num_epochs=1',
-    '--config.attack_steps=1', '--config.eval_attack_steps=1', '--config.val_fraction=0.1',
+    '--config.arch=tiny_resnet',
+    '--config.resize=0',
+    '--config.method=twins_at',
+    '--config.dataset=digits',
+    '--config.digits_classes=(0,1,2)',
+    '--config.image_size=16',
+    '--config.batch_size=64',
+    '--config.eval_batch_size=64',
+    '--config.num_epochs=1',
+    '--config.attack_steps=1',
+    '--config.eval_attack_steps=1',
+    '--config.val_fraction=0.1',
     '--config.last_batch=drop',
-    f'--config.lr={LR}', f'--config.weight_decay={WEIGHT_DECAY}', '--config.log_every_steps=5',
+    f'--config.lr={LR}',
+    f'--config.weight_decay={WEIGHT_DECAY}',
+    '--config.log_every_steps=5',
 ]
 RUN_TIMEOUT_S = 1200
 
@@ -61,8 +71,10 @@ def _free_port() -> int:
 
 def _env(num_devices: int, cache_dir: Path) -> dict:
   env = dict(os.environ)
-  flags = [f for f in env.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_force_host_platform_device_count')]
+  flags = [
+      f for f in env.get('XLA_FLAGS', '').split()
+      if not f.startswith('--xla_force_host_platform_device_count')
+  ]
   env['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={num_devices}'])
   env.update(JAX_PLATFORMS='cpu', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
              JAX_COMPILATION_CACHE_DIR=str(cache_dir),
@@ -113,8 +125,9 @@ def _launch(runs: list[tuple[list[str], dict, Path]], timeout: float) -> float:
     for argv, env, log in runs:
       f = open(log, 'w')
       files.append(f)
-      procs.append(subprocess.Popen(argv, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                    start_new_session=True))
+      procs.append(
+          subprocess.Popen(argv, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                           start_new_session=True))
     while True:
       codes = [p.poll() for p in procs]
       failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
@@ -125,8 +138,8 @@ def _launch(runs: list[tuple[list[str], dict, Path]], timeout: float) -> float:
       if all(c == 0 for c in codes):
         return time.perf_counter() - start
       if time.perf_counter() - start > timeout:
-        raise AssertionError(f'timed out after {timeout:.0f} s; last output:\n' + '\n'.join(
-            f'--- {r[2].name}\n{_tail(r[2], 1500)}' for r in runs))
+        raise AssertionError(f'timed out after {timeout:.0f} s; last output:\n' +
+                             '\n'.join(f'--- {r[2].name}\n{_tail(r[2], 1500)}' for r in runs))
       time.sleep(0.5)
   finally:
     for p in procs:
@@ -141,8 +154,7 @@ def _abstract_state(spec: models.ModelSpec):
   abstract = jax.eval_shape(
       lambda: step_lib.TrainState.create(model_io.abstract_variables(model), tx))
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                      abstract)
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
 
 
 def _restore_last(workdir: Path, spec: models.ModelSpec):
@@ -178,12 +190,14 @@ def test_two_hosts_match_one_host(tmp_path, request):
   flags = FLAGS + _cache_flags(cache)
 
   port = _free_port()
-  multi_runs = [(main + flags + [f'--workdir={multi}', f'--coordinator_address=localhost:{port}',
-                                 '--num_processes=2', f'--process_id={i}'],
-                 _env(4, cache), tmp_path / f'process_{i}.log') for i in range(2)]
+  multi_runs = [(main + flags + [
+      f'--workdir={multi}', f'--coordinator_address=localhost:{port}', '--num_processes=2',
+      f'--process_id={i}'
+  ], _env(4, cache), tmp_path / f'process_{i}.log') for i in range(2)]
   t_multi = _launch(multi_runs, RUN_TIMEOUT_S)
-  t_single = _launch([(main + flags + [f'--workdir={single}'], _env(8, cache),
-                       tmp_path / 'single.log')], RUN_TIMEOUT_S)
+  t_single = _launch(
+      [(main + flags + [f'--workdir={single}'], _env(8, cache), tmp_path / 'single.log')],
+      RUN_TIMEOUT_S)
   print(f'\n2 processes x 4 devices: {t_multi:.0f} s; 1 process x 8 devices: {t_single:.0f} s')
 
   # Both processes joined one 8-device system; only process 0 logs and reports.

@@ -38,9 +38,11 @@ def _kernelspec(root: Path) -> None:
   """A kernelspec named KERNEL that starts ipykernel on this interpreter."""
   spec = root / 'kernels' / KERNEL
   spec.mkdir(parents=True)
-  (spec / 'kernel.json').write_text(json.dumps({
-      'argv': [sys.executable, '-m', 'ipykernel_launcher', '-f', '{connection_file}'],
-      'display_name': 'twins-jax (test)', 'language': 'python'}))
+  (spec / 'kernel.json').write_text(
+      json.dumps({
+          'argv': [sys.executable, '-m', 'ipykernel_launcher', '-f', '{connection_file}'],
+          'display_name': 'twins-jax (test)', 'language': 'python'
+      }))
 
 
 def _outputs(nb) -> tuple[str, list[str], int]:
@@ -69,12 +71,11 @@ def test_demo_notebook_runs_and_shows_the_results(tmp_path, monkeypatch, request
   monkeypatch.setenv('IPYTHONDIR', str(tmp_path / 'ipython'))
   monkeypatch.setenv('TWINS_SKIP_INSTALL', '1')
   monkeypatch.setenv('TWINS_DEMO_WORKDIR', str(workdir))
-  monkeypatch.setenv('TWINS_DEMO_FLAGS',
-                     f'{DEMO_FLAGS} --config.compilation_cache_dir={cache_dir}')
+  monkeypatch.setenv('TWINS_DEMO_FLAGS', f'{DEMO_FLAGS} --config.compilation_cache_dir={cache_dir}')
   # A plain single-device run, as in Colab (conftest.py simulates 8 devices for the tests).
-  monkeypatch.setenv('XLA_FLAGS', ' '.join(
-      f for f in os.environ.get('XLA_FLAGS', '').split()
-      if not f.startswith('--xla_force_host_platform_device_count')))
+  monkeypatch.setenv(
+      'XLA_FLAGS', ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
+                            if not f.startswith('--xla_force_host_platform_device_count')))
 
   nb = nbformat.read(NOTEBOOK, as_version=4)
   # The kernel starts in notebooks/, as Jupyter starts it; the notebook moves to the root.

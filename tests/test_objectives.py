@@ -40,8 +40,9 @@ def test_trades_updates_running_statistics_adversarial_first(method):
     config = step_lib.StepConfig(method=method, steps=2, random_start=False)
     tx, _ = step_lib.make_optimizer(0.01, 0.0)
     state = step_lib.TrainState.create(variables, tx)
-    new_state, _ = jax.jit(step_lib.make_train_step(model, tx, config))(
-        state, {'image': x, 'label': y}, jax.random.key(0))
+    new_state, _ = jax.jit(step_lib.make_train_step(model, tx, config))(state,
+                                                                        {'image': x, 'label': y},
+                                                                        jax.random.key(0))
 
     x_adv = config.pgd(config.attack_logits_fn(model, variables), x, y, None)
     # The Adaptive Net sees the second half of a twin batch, all of a plain one.
@@ -49,9 +50,9 @@ def test_trades_updates_running_statistics_adversarial_first(method):
     stats = variables['batch_stats']
     adv_first = _updated_stats(model, variables, _updated_stats(model, variables, stats,
                                                                 part(x_adv)), part(x))
-    clean_first = _updated_stats(model, variables, _updated_stats(model, variables, stats,
-                                                                  part(x)), part(x_adv))
-    for got, want, other in zip(jax.tree.leaves(new_state.batch_stats),
-                                jax.tree.leaves(adv_first), jax.tree.leaves(clean_first)):
+    clean_first = _updated_stats(model, variables, _updated_stats(model, variables, stats, part(x)),
+                                 part(x_adv))
+    for got, want, other in zip(jax.tree.leaves(new_state.batch_stats), jax.tree.leaves(adv_first),
+                                jax.tree.leaves(clean_first)):
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-13, atol=1e-15)
       assert not np.allclose(np.asarray(want), np.asarray(other), rtol=1e-9, atol=0)

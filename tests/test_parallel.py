@@ -19,8 +19,10 @@ def _two_steps(devices, method):
   state = parallel.replicate(step_lib.TrainState.create(variables, tx), mesh)
   rng = np.random.default_rng(0)
   for i in range(2):
-    batch = {'image': rng.uniform(0, 1, (16, 32, 32, 3)).astype(np.float32),
-             'label': rng.integers(0, 10, 16).astype(np.int32)}
+    batch = {
+        'image': rng.uniform(0, 1, (16, 32, 32, 3)).astype(np.float32),
+        'label': rng.integers(0, 10, 16).astype(np.int32)
+    }
     parallel.check_batch_size(16, mesh)
     state, metrics = train_step(state, parallel.shard_batch(batch, mesh), jax.random.key(i))
   return jax.device_get(state), jax.device_get(metrics), state

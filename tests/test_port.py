@@ -35,8 +35,8 @@ TOL = 1e-4
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
 # ---------------------------------------------------------------- helpers
+
 
 def torch_model(arch, num_classes, resize=None, seed=0):
   torch.manual_seed(seed)
@@ -77,8 +77,10 @@ def robustness_dict(m, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     p.grad = torch.zeros_like(p)
   opt.step()
   sched = torch.optim.lr_scheduler.StepLR(opt, step_size=30)
-  return {'model': sd, 'optimizer': opt.state_dict(), 'schedule': sched.state_dict(),
-          'epoch': 90, 'amp': None, 'nat_prec1': torch.tensor(63.9), 'adv_prec1': 38.5}
+  return {
+      'model': sd, 'optimizer': opt.state_dict(), 'schedule': sched.state_dict(), 'epoch': 90,
+      'amp': None, 'nat_prec1': torch.tensor(63.9), 'adv_prec1': 38.5
+  }
 
 
 def save_robustness(m, path, legacy=True, **kwargs):
@@ -98,15 +100,16 @@ def shapes_of(tree):
 
 
 def init_shapes(model):
-  return shapes_of(jax.eval_shape(functools.partial(model.init, mode='train'),
-                                  jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+  return shapes_of(
+      jax.eval_shape(functools.partial(model.init, mode='train'), jax.random.PRNGKey(0),
+                     jnp.zeros((1, 32, 32, 3))))
 
 
 def random_variables(model, seed=0):
   """Random values in the shapes of the model's variables (no slow jax.random init)."""
   rng = np.random.RandomState(seed)
-  abstract = jax.eval_shape(functools.partial(model.init, mode='train'),
-                            jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  abstract = jax.eval_shape(functools.partial(model.init, mode='train'), jax.random.PRNGKey(0),
+                            jnp.zeros((1, 32, 32, 3)))
   return jax.tree.map(lambda s: rng.uniform(0.5, 1.5, s.shape).astype(s.dtype), abstract)
 
 
@@ -114,8 +117,8 @@ def run_cli(*args):
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
              JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
   env.pop('XLA_FLAGS', None)
-  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=600)
+  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
 
 
 # --------------------------------------------------- logits parity (the core)
@@ -133,8 +136,10 @@ def test_port_matches_pytorch(tmp_path, arch, size, resize):
   m = torch_model(arch, 10, resize)
   x = images(2, size)
   ref = torch_logits(m, x)
-  files = {'robustness': save_robustness(m, tmp_path / 'robust.ckpt'),
-           'plain': save_plain(m, tmp_path / 'plain.pt')}
+  files = {
+      'robustness': save_robustness(m, tmp_path / 'robust.ckpt'),
+      'plain': save_plain(m, tmp_path / 'plain.pt')
+  }
   model = models.create_model(arch, 10, resize=resize)
   want_shapes = init_shapes(model)
   for fmt, path in files.items():
@@ -175,7 +180,8 @@ def test_shared_affine_and_plain_models(tmp_path, twin, share_affine):
   m = torch_model('tiny_resnet', 5)
   x = images(3, 32)
   path = save_plain(m, tmp_path / 'a.pt')
-  v, report = port.port_checkpoint(path, models.ModelSpec('tiny_resnet', 5, twin=twin, share_affine=share_affine))
+  v, report = port.port_checkpoint(
+      path, models.ModelSpec('tiny_resnet', 5, twin=twin, share_affine=share_affine))
   model = models.create_model('tiny_resnet', 5, twin=twin, share_affine=share_affine)
   assert shapes_of(v) == init_shapes(model)
   assert ('frozen_stats' in v) == twin
@@ -186,20 +192,21 @@ def test_shared_affine_and_plain_models(tmp_path, twin, share_affine):
 
 # ------------------------------------------------------------------- CLIs
 
+
 def test_port_and_predict_cli(tmp_path):
   m = torch_model('resnet18', 10)
   x = images(5, 64, seed=3)
   ref = torch_logits(m, x)
   ckpt = save_robustness(m, tmp_path / 'resnet18_linf.ckpt')
   dst = tmp_path / 'model'
-  r = run_cli('-m', 'twins_jax.port', str(ckpt), str(dst), '--arch', 'resnet18',
-              '--num-classes', '10')
+  r = run_cli('-m', 'twins_jax.port', str(ckpt), str(dst), '--arch', 'resnet18', '--num-classes',
+              '10')
   assert r.returncode == 0, r.stderr
   assert 'robustness' in r.stdout and 'head: kept' in r.stdout
 
   model, variables, meta = model_io.load_model_dir(dst)
-  assert meta['spec'] == models.ModelSpec(arch='resnet18', num_classes=10, resize=None,
-                                          twin=True, share_affine=False)
+  assert meta['spec'] == models.ModelSpec(arch='resnet18', num_classes=10, resize=None, twin=True,
+                                          share_affine=False)
   assert meta['metadata']['source'] == str(ckpt)
   assert meta['metadata']['port_report']['loaded'] == 102
   assert len(meta['metadata']['source_sha256']) == 64
@@ -208,8 +215,8 @@ def test_port_and_predict_cli(tmp_path):
   np.save(tmp_path / 'x.npy', x)
   out = tmp_path / 'logits.npy'
   # Batch 2 for 5 images: the last batch is padded, and the padding dropped.
-  r = run_cli('-m', 'twins_jax.predict', str(dst), '--images', str(tmp_path / 'x.npy'),
-              '--out', str(out), '--batch-size', '2')
+  r = run_cli('-m', 'twins_jax.predict', str(dst), '--images', str(tmp_path / 'x.npy'), '--out',
+              str(out), '--batch-size', '2')
   assert r.returncode == 0, r.stderr
   logits = np.load(out)
   assert logits.shape == (5, 10) and logits.dtype == np.float32
@@ -218,8 +225,8 @@ def test_port_and_predict_cli(tmp_path):
   assert err < TOL
 
   # The port CLI refuses to overwrite, unless asked.
-  r = run_cli('-m', 'twins_jax.port', str(ckpt), str(dst), '--arch', 'resnet18',
-              '--num-classes', '10')
+  r = run_cli('-m', 'twins_jax.port', str(ckpt), str(dst), '--arch', 'resnet18', '--num-classes',
+              '10')
   assert r.returncode != 0 and 'not empty' in r.stderr and 'Traceback' not in r.stderr
 
 
@@ -230,12 +237,12 @@ def test_port_and_predict_cli_resnet50_224(tmp_path):
   ref = torch_logits(m, x)
   ckpt = save_robustness(m, tmp_path / 'resnet50_linf_eps4.0.ckpt')
   dst = tmp_path / 'model'
-  r = run_cli('-m', 'twins_jax.port', str(ckpt), str(dst), '--arch', 'resnet50',
-              '--num-classes', '10', '--resize', '224')
+  r = run_cli('-m', 'twins_jax.port', str(ckpt), str(dst), '--arch', 'resnet50', '--num-classes',
+              '10', '--resize', '224')
   assert r.returncode == 0, r.stderr
   np.save(tmp_path / 'x.npy', x)
-  r = run_cli('-m', 'twins_jax.predict', str(dst), '--images', str(tmp_path / 'x.npy'),
-              '--out', str(tmp_path / 'l.npy'), '--batch-size', '2')
+  r = run_cli('-m', 'twins_jax.predict', str(dst), '--images', str(tmp_path / 'x.npy'), '--out',
+              str(tmp_path / 'l.npy'), '--batch-size', '2')
   assert r.returncode == 0, r.stderr
   assert float(np.abs(np.load(tmp_path / 'l.npy') - ref).max()) < TOL
 
@@ -257,9 +264,10 @@ def test_predict_validates_images(tmp_path):
   v = {}  # never reached: the images are checked first
   good = images(2, 32)
   for bad, msg in ((good[0], 'N x H x W x 3'), (good[..., :1], 'N x H x W x 3'),
-                   (good.astype(np.float64), 'float32'), ((good * 255).astype(np.uint8), 'float32'),
-                   (good * 2, r'\[0, 1\]'), (good - 0.5, r'\[0, 1\]'),
-                   (np.full_like(good, np.nan), 'NaN'), (good[:0], 'empty')):
+                   (good.astype(np.float64), 'float32'), ((good * 255).astype(np.uint8),
+                                                          'float32'), (good * 2, r'\[0, 1\]'),
+                   (good - 0.5, r'\[0, 1\]'), (np.full_like(good,
+                                                            np.nan), 'NaN'), (good[:0], 'empty')):
     with pytest.raises(ValueError, match=msg):
       predict_lib.predict(model, v, bad, 2)
   with pytest.raises(ValueError, match='batch_size'):
@@ -270,8 +278,8 @@ def test_predict_cli_errors(tmp_path):
   model_io.save_model_dir(tmp_path / 'm', random_variables(models.create_model('tiny_resnet', 4)),
                           dict(arch='tiny_resnet', num_classes=4), {})
   np.save(tmp_path / 'bad.npy', images(2, 32) * 3)
-  r = run_cli('-m', 'twins_jax.predict', str(tmp_path / 'm'), '--images',
-              str(tmp_path / 'bad.npy'), '--out', str(tmp_path / 'o.npy'))
+  r = run_cli('-m', 'twins_jax.predict', str(tmp_path / 'm'), '--images', str(tmp_path / 'bad.npy'),
+              '--out', str(tmp_path / 'o.npy'))
   assert r.returncode == 1 and '[0, 1]' in r.stderr and 'Traceback' not in r.stderr
   np.save(tmp_path / 'ok.npy', images(2, 32))
   r = run_cli('-m', 'twins_jax.predict', str(tmp_path / 'nowhere'), '--images',
@@ -281,6 +289,7 @@ def test_predict_cli_errors(tmp_path):
 
 
 # ------------------------------------------------------- head replacement
+
 
 def test_head_replaced_when_num_classes_differs(tmp_path):
   m = torch_model('tiny_resnet', 10)
@@ -312,6 +321,7 @@ def test_head_replaced_when_num_classes_differs(tmp_path):
 
 # -------------------------------------------- missing / unexpected / mis-shaped
 
+
 def test_missing_layer_refused_then_allowed(tmp_path):
   m = torch_model('tiny_resnet', 5)
   sd = m.state_dict()
@@ -322,8 +332,10 @@ def test_missing_layer_refused_then_allowed(tmp_path):
   torch.save(sd, path)
   with pytest.raises(port.PortError) as e:
     port.port_checkpoint(path, models.ModelSpec('tiny_resnet', 5))
-  want = ['layer4.0.bn2.bias', 'layer4.0.bn2.running_mean', 'layer4.0.bn2.running_var',
-          'layer4.0.bn2.weight', 'layer4.0.conv2.weight']
+  want = [
+      'layer4.0.bn2.bias', 'layer4.0.bn2.running_mean', 'layer4.0.bn2.running_var',
+      'layer4.0.bn2.weight', 'layer4.0.conv2.weight'
+  ]
   assert e.value.report.missing == want
   for name in want:
     assert name in str(e.value)
@@ -331,9 +343,10 @@ def test_missing_layer_refused_then_allowed(tmp_path):
   with pytest.raises(port.PortError, match='layer4.0.conv2.weight'):
     port.port_checkpoint(path, models.ModelSpec('tiny_resnet', 5), allow_missing=['layer4.0.bn2.*'])
   # Torch-name or Flax-path globs.
-  for patterns in (['layer4.0.conv2.*', 'layer4.0.bn2.*'],
-                   ['*/layer4_0/conv2/*', '*/layer4_0/bn2/*']):
-    v, report = port.port_checkpoint(path, models.ModelSpec('tiny_resnet', 5), allow_missing=patterns)
+  for patterns in (['layer4.0.conv2.*',
+                    'layer4.0.bn2.*'], ['*/layer4_0/conv2/*', '*/layer4_0/bn2/*']):
+    v, report = port.port_checkpoint(path, models.ModelSpec('tiny_resnet', 5),
+                                     allow_missing=patterns)
     assert report.ok and report.allowed_missing == want
     assert shapes_of(v) == init_shapes(models.create_model('tiny_resnet', 5))
     bn = v['params']['layer4_0']['bn2']
@@ -357,14 +370,17 @@ def test_unexpected_and_misshaped_reported_by_name(tmp_path):
     port.port_checkpoint(path, models.ModelSpec('tiny_resnet', 5))
   msg, report = str(e.value), e.value.report
   assert report.unexpected == ['aux_head.weight', 'layer5.0.conv1.weight']
-  assert report.mismatched == ['layer1.0.conv1.weight: checkpoint (8, 8, 1, 1), '
-                               'model expects (8, 8, 3, 3)']
+  assert report.mismatched == [
+      'layer1.0.conv1.weight: checkpoint (8, 8, 1, 1), '
+      'model expects (8, 8, 3, 3)'
+  ]
   assert report.missing == []  # the mis-shaped entry is not also reported missing
   for s in ('aux_head.weight', 'layer5.0.conv1.weight', 'layer1.0.conv1.weight', '(8, 8, 3, 3)'):
     assert s in msg
   # Unexpected entries may be ignored on purpose; a mis-shaped one may not.
   with pytest.raises(port.PortError, match='mis-shaped') as e:
-    port.port_checkpoint(path, models.ModelSpec('tiny_resnet', 5), allow_unexpected=['aux_head.*', 'layer5.*'], allow_missing=['*'])
+    port.port_checkpoint(path, models.ModelSpec('tiny_resnet', 5),
+                         allow_unexpected=['aux_head.*', 'layer5.*'], allow_missing=['*'])
   assert e.value.report.unexpected == []
 
 
@@ -380,8 +396,11 @@ def test_port_cli_reports_missing(tmp_path):
   sd = m.state_dict()
   del sd['layer3.0.conv1.weight']
   torch.save(sd, tmp_path / 'p.pt')
-  args = ['-m', 'twins_jax.port', str(tmp_path / 'p.pt'), str(tmp_path / 'out'),
-          '--arch', 'tiny_resnet', '--num-classes', '3']
+  args = [
+      '-m', 'twins_jax.port',
+      str(tmp_path / 'p.pt'),
+      str(tmp_path / 'out'), '--arch', 'tiny_resnet', '--num-classes', '3'
+  ]
   r = run_cli(*args)
   assert r.returncode == 1 and 'layer3.0.conv1.weight' in r.stderr
   assert 'Traceback' not in r.stderr and not (tmp_path / 'out').exists()
@@ -395,7 +414,9 @@ def test_port_cli_reports_missing(tmp_path):
 
 # ------------------------------------------------------ malicious pickles
 
+
 class _TouchMarker:
+
   def __init__(self, marker):
     self.marker = str(marker)
 
@@ -404,6 +425,7 @@ class _TouchMarker:
 
 
 class _ExecMarker:
+
   def __init__(self, marker):
     self.marker = str(marker)
 
@@ -429,8 +451,8 @@ def test_code_running_checkpoint_refused(tmp_path, evil_cls, legacy):
     port.port_to_dir(path, tmp_path / 'out', models.ModelSpec('tiny_resnet', 5))
   assert not marker.exists() and not (tmp_path / 'out').exists()
   if legacy and evil_cls is _TouchMarker:  # one CLI run is enough
-    r = run_cli('-m', 'twins_jax.port', str(path), str(tmp_path / 'out'),
-                '--arch', 'tiny_resnet', '--num-classes', '5')
+    r = run_cli('-m', 'twins_jax.port', str(path), str(tmp_path / 'out'), '--arch', 'tiny_resnet',
+                '--num-classes', '5')
     assert r.returncode != 0
     assert 'refusing' in r.stderr and 'Traceback' not in r.stderr
     assert not marker.exists() and not (tmp_path / 'out').exists()
@@ -438,8 +460,9 @@ def test_code_running_checkpoint_refused(tmp_path, evil_cls, legacy):
 
 # ------------------------------------------------------ other file layouts
 
-@pytest.mark.parametrize('layout', ['state_dict/module.', 'top/module.model.',
-                                    'state_dict/model.', 'top/module.'])
+
+@pytest.mark.parametrize(
+    'layout', ['state_dict/module.', 'top/module.model.', 'state_dict/model.', 'top/module.'])
 def test_robustbench_layouts(tmp_path, layout):
   m = torch_model('tiny_resnet', 10)
   where, prefix = layout.split('/')
@@ -451,8 +474,9 @@ def test_robustbench_layouts(tmp_path, layout):
   assert report.ok and report.checkpoint_format == 'state_dict'
   assert ''.join(report.prefixes_stripped) == prefix
   x = images(2, 32)
-  np.testing.assert_allclose(models.create_model('tiny_resnet', 10).apply(v, x, mode='eval'),
-                             torch_logits(m, x), atol=TOL, rtol=0)
+  np.testing.assert_allclose(
+      models.create_model('tiny_resnet', 10).apply(v, x, mode='eval'), torch_logits(m, x), atol=TOL,
+      rtol=0)
 
 
 def test_robustness_normaliser_checked(tmp_path):
@@ -490,8 +514,10 @@ def test_name_table_roundtrip():
   model = models.create_model('resnet50', 10)
   tv = tr.resnet50(10)
   names = {k for k in tv.state_dict() if not k.endswith('num_batches_tracked')}
-  flat = model_io._leaf_table(jax.eval_shape(  # pylint: disable=protected-access
-      functools.partial(model.init, mode='train'), jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+  flat = model_io._leaf_table(
+      jax.eval_shape(  # pylint: disable=protected-access
+          functools.partial(model.init, mode='train'), jax.random.PRNGKey(0),
+          jnp.zeros((1, 32, 32, 3))))
   assert {port.flax_to_torch_name(p) for p in flat} == names
   targets = set()
   for name in names:
@@ -505,9 +531,9 @@ def test_name_table_roundtrip():
 
 # ----------------------------------------------------------- model dirs
 
+
 def test_model_dir_roundtrip_and_errors(tmp_path):
-  kw = models.ModelSpec(arch='tiny_resnet', num_classes=3, resize=64, twin=True,
-                        share_affine=False)
+  kw = models.ModelSpec(arch='tiny_resnet', num_classes=3, resize=64, twin=True, share_affine=False)
   model = kw.build()
   v = random_variables(model, 1)
   d = tmp_path / 'md'

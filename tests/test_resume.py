@@ -14,16 +14,13 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from test_train import (DIGITS_STEPS_PER_EPOCH, REPO, assert_trees_equal, checkpoint_steps,
-                        compile_cache, main_command, restore_checkpoint, run_main,
-                        subprocess_env, tiny_config)
+from helpers import (DIGITS_STEPS_PER_EPOCH, REPO, assert_trees_equal, checkpoint_steps,
+                     main_command, restore_checkpoint, run_main, subprocess_env, tiny_config)
 from twins_jax import model_io, reporting
 
 # 3 epochs of 75 steps, an lr milestone after the second (the schedule must resume too),

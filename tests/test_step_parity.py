@@ -55,8 +55,7 @@ def _args(n: int) -> ref.Args:
 def _models(twin: bool, seed: int = 0):
   """Our model and variables, and the official-layout PyTorch network holding them."""
   f64 = np.float64
-  model = models.create_model('tiny_resnet', NUM_CLASSES, twin=twin, dtype=f64,
-                              param_dtype=f64)
+  model = models.create_model('tiny_resnet', NUM_CLASSES, twin=twin, dtype=f64, param_dtype=f64)
   variables = flax_torch.randomize_bn(models.init_variables(model, seed), seed=seed + 1)
   factory = ref.twin_tiny_resnet if twin else ref.tiny_resnet
   torch_model = factory(num_classes=NUM_CLASSES).double()
@@ -106,8 +105,7 @@ def _run_x64(method, twin, n, random_start):
     noise_t = torch.from_numpy(noise.transpose(0, 3, 1, 2).copy())
     out = ref.ITERATIONS[method](torch_model, attack, optimizer, scheduler, x_t, y_t, args,
                                  rand_perturb=noise_t)
-    losses.append((float(metrics['loss']), out['loss'], float(metrics['learning_rate']),
-                   out['lr']))
+    losses.append((float(metrics['loss']), out['loss'], float(metrics['learning_rate']), out['lr']))
     if i in (1, 3):
       states[i] = (flax_torch.flax_to_torch(state.variables, twin), _torch_state(torch_model))
   return states, losses, state, variables
@@ -165,8 +163,10 @@ def test_frozen_statistics_bit_identical(method, twin, n, random_start):
   for a, b in zip(jax.tree.leaves(state.frozen_stats), jax.tree.leaves(initial['frozen_stats'])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # ... while the Adaptive statistics did move.
-  moved = [not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
-           zip(jax.tree.leaves(state.batch_stats), jax.tree.leaves(initial['batch_stats']))]
+  moved = [
+      not np.array_equal(np.asarray(a), np.asarray(b))
+      for a, b in zip(jax.tree.leaves(state.batch_stats), jax.tree.leaves(initial['batch_stats']))
+  ]
   assert all(moved)
   # The official FixBatchNorm2d too: its running statistics are bit-identical after 3 steps.
   theirs_before, theirs = states[0][1], states[3][1]
@@ -177,6 +177,7 @@ def test_frozen_statistics_bit_identical(method, twin, n, random_start):
 
 
 # ---------------------------------------------------------------- evaluation
+
 
 @pytest.mark.parametrize('twin', [True, False], ids=['twin', 'plain'])
 def test_eval_step_equals_official_test(twin):

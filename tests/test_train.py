@@ -14,162 +14,20 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from configs import default as default_config
 from twins_jax import checkpointing, data, model_io, models, parallel, reporting, setup, train
-from twins_jax import step as step_lib
-
-REPO = Path(__file__).resolve().parents[1]
-
-# The settings every tiny run shares: they fix the compiled programs (with the number of
-# classes, 10 for digits and for CIFAR-10), so runs that differ only elsewhere (workdir,
-# method-independent run settings, dataset contents) reuse the cached compilations. They
-# hold out a validation split and drop the last partial batch (one program per method);
-# test_mock_cifar10_training_run runs the reference protocol (all images, partial batch).
-TINY = dict(arch='tiny_resnet', resize=0, dataset='digits', image_size=16, batch_size=16,
-            eval_batch_size=32, num_epochs=1, lr_milestones=(), attack_steps=1,
-            eval_attack_steps=1, val_fraction=0.1, last_batch='drop', log_every_steps=5,
-            checkpoint_every_steps=25)
-DIGITS_STEPS_PER_EPOCH = 75  # 1797 digits: 449 test, 135 val, 1213 train -> 75 batches of 16
-DIGITS_TEST_SIZE = 449  # not a multiple of eval_batch_size (32): the last batch is padded
-
-DIAGNOSTICS = ('weight_norm', 'grad_norm', 'grad_weight_ratio')
-BRANCH_METRICS = {
-    'twins_at': ('frozen_loss', 'adaptive_loss', 'frozen_adv_acc', 'adaptive_adv_acc'),
-    'twins_trades': ('natural_loss', 'robust_loss', 'frozen_loss', 'adaptive_loss',
-                     'frozen_clean_acc', 'adaptive_clean_acc', 'frozen_adv_acc',
-                     'adaptive_adv_acc'),
-    'at': ('adaptive_loss', 'adaptive_adv_acc'),
-    'trades': ('natural_loss', 'robust_loss', 'adaptive_loss', 'adaptive_clean_acc',
-               'adaptive_adv_acc'),
-}
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope='session')
-def compile_cache(tmp_path_factory):
-  """One persistent XLA compilation cache for this test session (in-process and subprocesses)."""
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  path = os.environ.get('TWINS_TEST_COMPILATION_CACHE') or str(
-      tmp_path_factory.getbasetemp() / 'jax_compilation_cache')
-  Path(path).mkdir(parents=True, exist_ok=True)
-  old_dir = jax.config.jax_compilation_cache_dir
-  old_min = jax.config.jax_persistent_cache_min_compile_time_secs
-  jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  cc.reset_cache()  # the cache is bound to a directory when first used
-  yield path
-  jax.config.update('jax_compilation_cache_dir', old_dir)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', old_min)
-  cc.reset_cache()
-
-
-def tiny_config(cache: str | None = None, base=default_config, **overrides
-                ) -> ml_collections.ConfigDict:
-  c = base.get_config()
-  c.update(TINY)
-  c.update(overrides)
-  if cache is not None and 'compilation_cache_dir' in c:
-    c.compilation_cache_dir = cache
-  return c
-
-
-def cli_value(v) -> str:
-  if isinstance(v, bool):
-    return str(v).lower()
-  if isinstance(v, (tuple, list)):
-    return '(' + ','.join(str(x) for x in v) + (',' if len(v) == 1 else '') + ')'
-  return str(v)
-
-
-def subprocess_env(cache: str | None = None, devices: int | None = None) -> dict:
-  """Environment for a ``main.py`` subprocess.
-
-  By default it sees as many simulated CPU devices as this process (the same XLA_FLAGS),
-  so that the programs it compiles are the ones the in-process runs find in the cache.
-  """
-  env = dict(os.environ)
-  env['PYTHONPATH'] = os.pathsep.join([str(REPO)] + [p for p in [env.get('PYTHONPATH')] if p])
-  env['JAX_PLATFORMS'] = 'cpu'
-  if devices is not None:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-  else:
-    env['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '')
-  if cache:
-    env['JAX_COMPILATION_CACHE_DIR'] = cache
-    env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-  return env
-
-
-def main_command(workdir, cache: str | None = None, config_file: str = 'configs/default.py',
-                 **overrides) -> list[str]:
-  """``python main.py --config=... --workdir=... --config.k=v ...`` with TINY's overrides."""
-  settings = dict(TINY, **overrides)
-  if cache is not None and 'compilation_cache_dir' in default_config.get_config():
-    settings['compilation_cache_dir'] = cache
-  return ([sys.executable, 'main.py', f'--config={config_file}', f'--workdir={workdir}'] +
-          [f'--config.{k}={cli_value(v)}' for k, v in settings.items()])
-
-
-def run_main(args, env, timeout=900) -> subprocess.CompletedProcess:
-  return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=timeout)
-
-
-def abstract_train_state(config, num_classes: int):
-  spec = setup.model_spec(config, num_classes)
-  tx, _ = step_lib.make_optimizer(config.lr, config.weight_decay, config.momentum, (),
-                                  config.lr_gamma)
-  abstract = jax.eval_shape(lambda: step_lib.TrainState.create(
-      model_io.abstract_variables(spec.build()), tx))
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                      abstract)
-
-
-def restore_checkpoint(workdir, config, num_classes: int, step=None):
-  """(state as numpy, progress record) of ``workdir/checkpoints/<step>`` (default: latest)."""
-  ckpts = checkpointing.RunCheckpoints(workdir, keep=config.keep_checkpoints, async_save=False)
-  try:
-    state, progress = ckpts.restore(abstract_train_state(config, num_classes), step)
-  finally:
-    ckpts.close()
-  return jax.tree.map(np.asarray, state), progress
-
-
-def checkpoint_steps(workdir) -> list[int]:
-  d = Path(workdir) / 'checkpoints'
-  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
-
-
-def all_finite(tree) -> bool:
-  return all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tree))
-
-
-def assert_trees_equal(a, b, note: str = ''):
-  """Bit-identical pytrees (same structure, dtypes and values)."""
-  la, ta = jax.tree_util.tree_flatten_with_path(a)
-  lb, tb = jax.tree_util.tree_flatten_with_path(b)
-  assert ta == tb, note
-  for (path, x), (_, y) in zip(la, lb):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape, (jax.tree_util.keystr(path), note)
-    assert x.tobytes() == y.tobytes(), (
-        f'{jax.tree_util.keystr(path)} differs (max |diff| {np.max(np.abs(x - y))}) {note}')
+from helpers import (DIGITS_STEPS_PER_EPOCH, DIGITS_TEST_SIZE, DIAGNOSTICS, BRANCH_METRICS,
+                     tiny_config, subprocess_env, main_command, run_main, restore_checkpoint,
+                     checkpoint_steps, all_finite, assert_trees_equal)
 
 
 def check_run_artifacts(workdir: Path, config, num_classes: int, train_size: int,
@@ -201,8 +59,8 @@ def check_run_artifacts(workdir: Path, config, num_classes: int, train_size: int
     assert r['train/images_per_sec'] > 0
   assert not any('frozen' in k for r in train_records for k in r) or twin
   val_records = [r for r in records if 'val/pgd_acc' in r]
-  assert [r['step'] for r in val_records] == [
-      e * steps_per_epoch for e in range(1, config.num_epochs + 1)]
+  assert [r['step'] for r in val_records
+         ] == [e * steps_per_epoch for e in range(1, config.num_epochs + 1)]
 
   # TensorBoard event file.
   events = list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
@@ -219,8 +77,8 @@ def check_run_artifacts(workdir: Path, config, num_classes: int, train_size: int
   assert meta['spec'].arch == config.arch
   assert meta['spec'].num_classes == num_classes
   assert meta['spec'].twin == twin
-  assert set(variables) == ({'params', 'batch_stats', 'frozen_stats'} if twin
-                            else {'params', 'batch_stats'})
+  assert set(variables) == ({'params', 'batch_stats', 'frozen_stats'}
+                            if twin else {'params', 'batch_stats'})
   assert all_finite(variables)
 
   # results.json / results.md: best and last rows; every test example counted once.
@@ -230,9 +88,10 @@ def check_run_artifacts(workdir: Path, config, num_classes: int, train_size: int
   for row in results['test'].values():
     assert row['num_examples'] == test_size
     assert 0 <= row['clean_acc'] <= 1 and 0 <= row['pgd_acc'] <= 1
-  history = [{'step': r['step'], 'epoch': r['step'] / steps_per_epoch,
-              'clean_acc': r['val/clean_acc'], 'pgd_acc': r['val/pgd_acc'],
-              'num_examples': int(r['val/num_examples'])} for r in val_records]
+  history = [{
+      'step': r['step'], 'epoch': r['step'] / steps_per_epoch, 'clean_acc': r['val/clean_acc'],
+      'pgd_acc': r['val/pgd_acc'], 'num_examples': int(r['val/num_examples'])
+  } for r in val_records]
   assert results['best_validation'] in history
   assert meta['metadata']['validation'] == results['best_validation']
   md = (workdir / 'results.md').read_text()
@@ -307,8 +166,7 @@ def test_evaluation_counts_every_test_example_once(main_run, compile_cache):
   assert abs(round(best['clean_acc'] * len(ds.test)) - correct) <= 1
 
 
-def test_rerun_after_completion_does_not_retrain(main_run, compile_cache, tmp_path,
-                                                 monkeypatch):
+def test_rerun_after_completion_does_not_retrain(main_run, compile_cache, tmp_path, monkeypatch):
   src, _ = main_run
   workdir = tmp_path / 'run'
   shutil.copytree(src, workdir)
@@ -318,9 +176,11 @@ def test_rerun_after_completion_does_not_retrain(main_run, compile_cache, tmp_pa
   calls = []
 
   def no_training(train_step, mesh, donate=True, shard_batch=True):
+
     def fail(*args):
       calls.append(1)
       raise AssertionError('the training step ran on a finished run')
+
     return fail
 
   monkeypatch.setattr(parallel, 'jit_train_step', no_training)
@@ -339,32 +199,37 @@ def test_rerun_after_completion_does_not_retrain(main_run, compile_cache, tmp_pa
 
 
 def test_unknown_config_key_is_rejected(tmp_path):
-  proc = run_main([sys.executable, 'main.py', '--config=configs/default.py',
-                   f'--workdir={tmp_path / "w"}', '--config.not_a_key=1'],
-                  subprocess_env(), timeout=120)
+  proc = run_main([
+      sys.executable, 'main.py', '--config=configs/default.py', f'--workdir={tmp_path / "w"}',
+      '--config.not_a_key=1'
+  ], subprocess_env(), timeout=120)
   assert proc.returncode != 0
   assert 'not_a_key' in proc.stderr
   assert not (tmp_path / 'w').exists()
 
 
 def test_misspelt_config_key_suggests_the_right_one(tmp_path):
-  proc = run_main([sys.executable, 'main.py', '--config=configs/default.py',
-                   f'--workdir={tmp_path / "w"}', '--config.batch_sise=8'],
-                  subprocess_env(), timeout=120)
+  proc = run_main([
+      sys.executable, 'main.py', '--config=configs/default.py', f'--workdir={tmp_path / "w"}',
+      '--config.batch_sise=8'
+  ], subprocess_env(), timeout=120)
   assert proc.returncode != 0
   assert 'batch_sise' in proc.stderr and 'batch_size' in proc.stderr
 
 
-@pytest.mark.parametrize('flag, name', [
-    ('--config.batch_size=abc', 'batch_size'),
-    ('--config.lr=fast', 'lr'),
-    ('--config.random_start=maybe', 'random_start'),
-    ('--config.lr_milestones=abc', 'lr_milestones'),  # tuples accept anything on the CLI
-    ('--config.digits_classes=a', 'digits_classes'),
-])
+@pytest.mark.parametrize(
+    'flag, name',
+    [
+        ('--config.batch_size=abc', 'batch_size'),
+        ('--config.lr=fast', 'lr'),
+        ('--config.random_start=maybe', 'random_start'),
+        ('--config.lr_milestones=abc', 'lr_milestones'),  # tuples accept anything on the CLI
+        ('--config.digits_classes=a', 'digits_classes'),
+    ])
 def test_wrong_type_override_is_rejected(flag, name, tmp_path):
-  proc = run_main([sys.executable, 'main.py', '--config=configs/default.py',
-                   f'--workdir={tmp_path / "w"}', flag], subprocess_env(), timeout=120)
+  proc = run_main([
+      sys.executable, 'main.py', '--config=configs/default.py', f'--workdir={tmp_path / "w"}', flag
+  ], subprocess_env(), timeout=120)
   assert proc.returncode != 0
   assert f'config.{name}' in proc.stderr, proc.stderr[-3000:]
   assert not (tmp_path / 'w' / 'checkpoints').exists()
@@ -454,8 +319,8 @@ def test_mock_cifar10_training_run(compile_cache, tmp_path):
   from configs import cifar10
   tfds = pytest.importorskip('tensorflow_datasets')
   preset = cifar10.get_config()
-  assert (preset.val_fraction, preset.last_batch, preset.eval_random_start) == (
-      0.0, 'partial', False)
+  assert (preset.val_fraction, preset.last_batch, preset.eval_random_start) == (0.0, 'partial',
+                                                                                False)
   config = tiny_config(compile_cache, base=cifar10, dataset='cifar10', num_epochs=2,
                        lr_milestones=(1,), val_fraction=preset.val_fraction,
                        last_batch=preset.last_batch)
@@ -466,9 +331,10 @@ def test_mock_cifar10_training_run(compile_cache, tmp_path):
   steps_per_epoch = math.ceil(n / batch)  # 6 batches of 16 and one of 4
   assert steps_per_epoch == 7
   assert results['steps'] == 2 * steps_per_epoch
-  assert results['protocol'] == {'train_examples': n, 'steps_per_epoch': steps_per_epoch,
-                                 'last_batch': 'partial', 'val_fraction': 0.0,
-                                 'val_examples': 0}
+  assert results['protocol'] == {
+      'train_examples': n, 'steps_per_epoch': steps_per_epoch, 'last_batch': 'partial',
+      'val_fraction': 0.0, 'val_examples': 0
+  }
   assert set(results['test']) == {'last'} and results['best_validation'] is None
   assert results['test']['last']['num_examples'] == n
   assert not (tmp_path / 'best_model').exists()
@@ -477,8 +343,10 @@ def test_mock_cifar10_training_run(compile_cache, tmp_path):
   assert model_io.resolve_model_dir(tmp_path) == tmp_path / 'final_model'
   assert checkpoint_steps(tmp_path)[-1] == 2 * steps_per_epoch
   # The milestone (epoch 1) falls at iteration 7: updates 0..6 use lr, the rest lr * 0.1.
-  lrs = {r['step']: r['train/learning_rate'] for r in reporting.read_metrics(tmp_path)
-         if 'train/learning_rate' in r}
+  lrs = {
+      r['step']: r['train/learning_rate'] for r in reporting.read_metrics(tmp_path)
+      if 'train/learning_rate' in r
+  }
   assert lrs[5] == pytest.approx(config.lr) and lrs[10] == pytest.approx(config.lr * 0.1)
   md = (tmp_path / 'results.md').read_text()
   assert "the reference's" in md and f'Trained on {n} images, 7 steps per epoch' in md
@@ -534,18 +402,19 @@ def assert_no_non_finite_checkpoint(workdir, config):
     assert all_finite(variables)
 
 
-@pytest.mark.parametrize('poison_at, log_every, ckpt_every, last_good', [
-    (12, 1, 5, 10),  # caught by the metrics check at the next logged step
-    (3, 1, 5, None),  # before the first checkpoint
-    # The epoch's last step: its metrics are still finite (computed before the update), so
-    # validation (and the best model) and the checkpoint must check the parameters.
-    (DIGITS_STEPS_PER_EPOCH, 1000, 10, 70),
-])
+@pytest.mark.parametrize(
+    'poison_at, log_every, ckpt_every, last_good',
+    [
+        (12, 1, 5, 10),  # caught by the metrics check at the next logged step
+        (3, 1, 5, None),  # before the first checkpoint
+        # The epoch's last step: its metrics are still finite (computed before the update), so
+        # validation (and the best model) and the checkpoint must check the parameters.
+        (DIGITS_STEPS_PER_EPOCH, 1000, 10, 70),
+    ])
 def test_non_finite_parameters_stop_the_run(poison_at, log_every, ckpt_every, last_good,
                                             compile_cache, tmp_path, monkeypatch):
   monkeypatch.setattr(parallel, 'jit_train_step', poisoning_jit_train_step(poison_at))
-  config = tiny_config(compile_cache, log_every_steps=log_every,
-                       checkpoint_every_steps=ckpt_every)
+  config = tiny_config(compile_cache, log_every_steps=log_every, checkpoint_every_steps=ckpt_every)
   with pytest.raises(train.NonFiniteError) as err:
     train.train_and_evaluate(config, tmp_path)
   message = str(err.value)
@@ -606,5 +475,5 @@ def test_metric_writer_drops_records_after_the_resumed_step(tmp_path):
   w.write(5, {'train/loss': 50.0})
   w.close()
   records = reporting.read_metrics(tmp_path)
-  assert [(r['step'], r['train/loss']) for r in records] == [
-      (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0)]
+  assert [(r['step'], r['train/loss']) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0),
+                                                             (5, 50.0)]

@@ -57,7 +57,7 @@ def random_start(key: jax.Array, x: jax.Array, eps: float, norm: str, kind: str)
     direction = jax.random.normal(k1, x.shape, x.dtype)
     direction = direction / (_flat_norm(direction) + _TINY)
     d = x[0].size
-    radius = eps * jax.random.uniform(k2, (x.shape[0],) + (1,) * (x.ndim - 1)) ** (1.0 / d)
+    radius = eps * jax.random.uniform(k2, (x.shape[0],) + (1,) * (x.ndim - 1))**(1.0 / d)
     delta = direction * radius
   return project(x + delta, x, eps, norm)
 
@@ -105,7 +105,7 @@ def pgd(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
   if start not in STARTS:
     raise ValueError(f'start must be one of {STARTS}, got {start!r}.')
   if start != 'none' and key is None:
-    raise ValueError(f"start={start!r} needs a PRNG key.")
+    raise ValueError(f'start={start!r} needs a PRNG key.')
   if steps < 0 or any(isinstance(v, (int, float)) and v < 0 for v in (eps, alpha)):
     raise ValueError(f'eps, alpha and steps must be non-negative (got {eps}, {alpha}, {steps}).')
 

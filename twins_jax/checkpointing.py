@@ -46,16 +46,18 @@ class RunCheckpoints:
     ``progress`` is copied: Orbax may serialise it in the background, after the caller has
     moved on and appended to it.
     """
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(copy.deepcopy(progress))),
+    self.manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      progress=ocp.args.JsonSave(copy.deepcopy(progress))),
         force=True)
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
+    out = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                      progress=ocp.args.JsonRestore()))
     return out['state'], dict(out['progress'])
 
   def wait(self) -> None:

@@ -53,8 +53,9 @@ def run_demo(config: ml_collections.ConfigDict, workdir) -> dict:
     config.compilation_cache_dir = str(workdir / 'jax_cache')
 
   n_stages = 1 + len(METHODS) * len(seeds)
-  print(f'[1/{n_stages}] Adversarial pre-training (AT) on digits '
-        f'{tuple(config.source_classes)}', flush=True)
+  print(
+      f'[1/{n_stages}] Adversarial pre-training (AT) on digits '
+      f'{tuple(config.source_classes)}', flush=True)
   source = train.train_and_evaluate(
       _stage(config, method='at', digits_classes=config.source_classes, pretrained='',
              num_epochs=config.source_epochs, lr=config.source_lr,
@@ -66,12 +67,12 @@ def run_demo(config: ml_collections.ConfigDict, workdir) -> dict:
   for method in METHODS:
     for seed in seeds:
       stage += 1
-      print(f'[{stage}/{n_stages}] Fine-tuning with {method} (seed {seed}) on digits '
-            f'{tuple(config.target_classes)}', flush=True)
+      print(
+          f'[{stage}/{n_stages}] Fine-tuning with {method} (seed {seed}) on digits '
+          f'{tuple(config.target_classes)}', flush=True)
       runs[method][seed] = train.train_and_evaluate(
-          _stage(config, method=method, digits_classes=config.target_classes,
-                 pretrained=pretrained, num_epochs=config.target_epochs, seed=seed),
-          workdir / f'{method}_seed{seed}')
+          _stage(config, method=method, digits_classes=config.target_classes, pretrained=pretrained,
+                 num_epochs=config.target_epochs, seed=seed), workdir / f'{method}_seed{seed}')
 
   figure = plot_effective_lr(workdir, seeds)
   wall = time.perf_counter() - start
@@ -79,9 +80,13 @@ def run_demo(config: ml_collections.ConfigDict, workdir) -> dict:
   table = comparison_table(source, runs, summary, config, wall, figure)
   print('\n' + table)
   (workdir / 'results.md').write_text(table + '\n')
-  (workdir / 'results.json').write_text(json.dumps(
-      {'source': source, 'runs': {m: {str(s): r for s, r in rs.items()} for m, rs in runs.items()},
-       'summary': summary, 'wall_seconds': wall}, indent=2))
+  (workdir / 'results.json').write_text(
+      json.dumps(
+          {
+              'source': source, 'runs': {
+                  m: {str(s): r for s, r in rs.items()} for m, rs in runs.items()
+              }, 'summary': summary, 'wall_seconds': wall
+          }, indent=2))
   return {'source': source, 'runs': runs, 'summary': summary, 'wall_seconds': wall}
 
 
@@ -107,8 +112,9 @@ def effective_lr_curves(workdir: Path, seeds) -> dict:
   for method in METHODS:
     curves[method] = []
     for seed in seeds:
-      records = [r for r in reporting.read_metrics(workdir / f'{method}_seed{seed}')
-                 if EFFECTIVE_LR in r]
+      records = [
+          r for r in reporting.read_metrics(workdir / f'{method}_seed{seed}') if EFFECTIVE_LR in r
+      ]
       curves[method].append([(r['train/epoch'], r[EFFECTIVE_LR]) for r in records])
   return curves
 

@@ -47,11 +47,12 @@ class Evaluator:
     eps = jnp.float32(self.config.eps if eps is None else eps)
     outs = []
     try:
-      for i, batch in enumerate(reporting.progress(batches, total=batches.num_batches, desc=desc,
-                                                   unit='batch',
-                                                   enabled=jax.process_index() == 0)):
-        outs.append(self._step(variables, parallel.shard_batch(batch, self.mesh),
-                               jax.random.fold_in(key, i), eps))
+      for i, batch in enumerate(
+          reporting.progress(batches, total=batches.num_batches, desc=desc, unit='batch',
+                             enabled=jax.process_index() == 0)):
+        outs.append(
+            self._step(variables, parallel.shard_batch(batch, self.mesh),
+                       jax.random.fold_in(key, i), eps))
     finally:
       batches.close()
     for out in parallel.fetch(outs):  # one host sync per evaluation
@@ -59,8 +60,10 @@ class Evaluator:
       totals['pgd'] += float(np.sum(out['pgd']))
       totals['count'] += float(np.sum(out['mask']))
     n = max(totals['count'], 1.0)
-    return {'clean_acc': totals['clean'] / n, 'pgd_acc': totals['pgd'] / n,
-            'num_examples': int(totals['count'])}
+    return {
+        'clean_acc': totals['clean'] / n, 'pgd_acc': totals['pgd'] / n,
+        'num_examples': int(totals['count'])
+    }
 
 
 def _host_examples(datasets, config, limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,9 +74,9 @@ def _host_examples(datasets, config, limit: int) -> tuple[np.ndarray, np.ndarray
   images, labels = [], []
   for i in range(lo, hi):
     image, label = datasets.test[i]
-    images.append(data.transform(image, train=False, augment=datasets.augment,
-                                 image_size=datasets.image_size,
-                                 resize_size=datasets.resize_size, rng=None))
+    images.append(
+        data.transform(image, train=False, augment=datasets.augment, image_size=datasets.image_size,
+                       resize_size=datasets.resize_size, rng=None))
     labels.append(label)
   shape = (0, datasets.image_size, datasets.image_size, 3)
   return (np.stack(images).astype(np.float32) if images else np.zeros(shape, np.float32),
@@ -87,16 +90,14 @@ def _allgather_sum(values: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(values)).sum(0)
 
 
-def autoattack_accuracy(model, variables, datasets, config, mesh=None,
-                        chunk: int = 1000) -> dict:
+def autoattack_accuracy(model, variables, datasets, config, mesh=None, chunk: int = 1000) -> dict:
   """AutoAttack (``config.autoattack``: 'fast' or 'standard') on the test set.
 
   Returns the robust accuracy after each attack and overall. Examples are attacked
   in chunks of ``chunk`` so memory stays bounded; each process takes its own share.
   """
   variables = jax.device_get(variables)
-  logits_fn = jax.tree_util.Partial(
-      lambda v, x: model.apply(v, x, mode=models.EVAL), variables)
+  logits_fn = jax.tree_util.Partial(lambda v, x: model.apply(v, x, mode=models.EVAL), variables)
   x, y = _host_examples(datasets, config, config.autoattack_max_examples)
   key = jax.random.fold_in(jax.random.key(config.seed), 3 + jax.process_index())
   counts, names = None, None
@@ -116,9 +117,11 @@ def autoattack_accuracy(model, variables, datasets, config, mesh=None,
     counts = np.zeros(len(names) + 2)
   counts = _allgather_sum(counts)
   n = max(counts[-1], 1.0)
-  return {'autoattack_acc': float(counts[-2] / n),
-          'autoattack_after': {k: float(counts[i] / n) for i, k in enumerate(names)},
-          'autoattack_examples': int(counts[-1]), 'autoattack_version': config.autoattack}
+  return {
+      'autoattack_acc': float(counts[-2] / n),
+      'autoattack_after': {k: float(counts[i] / n) for i, k in enumerate(names)},
+      'autoattack_examples': int(counts[-1]), 'autoattack_version': config.autoattack
+  }
 
 
 def sanity_flags(result: dict, eps_curve: dict) -> dict:
@@ -129,8 +132,8 @@ def sanity_flags(result: dict, eps_curve: dict) -> dict:
   """
   flags = {}
   if 0.0 in eps_curve:
-    flags['eps0_equals_clean'] = bool(abs(eps_curve[0.0]['pgd_acc'] -
-                                          eps_curve[0.0]['clean_acc']) < 1e-9)
+    flags['eps0_equals_clean'] = bool(
+        abs(eps_curve[0.0]['pgd_acc'] - eps_curve[0.0]['clean_acc']) < 1e-9)
   flags['pgd_le_clean'] = bool(result['pgd_acc'] <= result['clean_acc'] + 1e-9)
   if 'autoattack_acc' in result:
     pgd = result.get('pgd_acc_on_autoattack_examples', result['pgd_acc'])
@@ -201,11 +204,12 @@ def evaluate_config(config: ml_collections.ConfigDict, workdir: Path) -> dict:
 
 def eval_report(result: dict, config) -> str:
   pct = lambda v: f'{100 * v:.2f}'
-  lines = [f'## Evaluation of {result["model"]} on {result["dataset"]} '
-           f'({result["norm"]}, eps {result["eps"]:.4g})', '',
-           '| metric | accuracy % |', '|---|---|',
-           f'| clean | {pct(result["clean_acc"])} |',
-           f'| PGD-{result["pgd_steps"]} | {pct(result["pgd_acc"])} |']
+  lines = [
+      f'## Evaluation of {result["model"]} on {result["dataset"]} '
+      f'({result["norm"]}, eps {result["eps"]:.4g})', '', '| metric | accuracy % |', '|---|---|',
+      f'| clean | {pct(result["clean_acc"])} |',
+      f'| PGD-{result["pgd_steps"]} | {pct(result["pgd_acc"])} |'
+  ]
   for name, acc in result.get('autoattack_after', {}).items():
     if name != 'clean':
       lines.append(f'| AutoAttack ({result["autoattack_version"]}) after {name} | {pct(acc)} |')
@@ -216,9 +220,11 @@ def eval_report(result: dict, config) -> str:
   if 'pgd_acc_on_autoattack_examples' in result:
     aa_note = (f'; AutoAttack on the first {result["autoattack_examples"]} (PGD on those: '
                f'{pct(result["pgd_acc_on_autoattack_examples"])} %)')
-  lines += ['', f'{result["num_examples"]} test examples (every one exactly once){aa_note}.', '',
-            'Sanity checks (gradient masking): ' + ', '.join(
-                f'{k}: {"ok" if v else "FAILED"}' for k, v in result['sanity'].items()),
-            f'PGD accuracy by eps (first {result["sanity_examples"]} test examples): ' +
-            ', '.join(f'{k}: {pct(v)}' for k, v in result['eps_curve'].items())]
+  lines += [
+      '', f'{result["num_examples"]} test examples (every one exactly once){aa_note}.', '',
+      'Sanity checks (gradient masking): ' +
+      ', '.join(f'{k}: {"ok" if v else "FAILED"}' for k, v in result['sanity'].items()),
+      f'PGD accuracy by eps (first {result["sanity_examples"]} test examples): ' +
+      ', '.join(f'{k}: {pct(v)}' for k, v in result['eps_curve'].items())
+  ]
   return '\n'.join(lines)

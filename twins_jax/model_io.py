@@ -74,8 +74,10 @@ def tree_differences(actual, expected) -> list:
   a, e = _leaf_table(actual), _leaf_table(expected)
   lines = [f'missing {n} {e[n][0]}' for n in sorted(set(e) - set(a))]
   lines += [f'unexpected {n} {a[n][0]}' for n in sorted(set(a) - set(e))]
-  lines += [f'mis-shaped {n}: has {a[n][0]} {a[n][1]}, expected {e[n][0]} {e[n][1]}'
-            for n in sorted(set(a) & set(e)) if a[n] != e[n]]
+  lines += [
+      f'mis-shaped {n}: has {a[n][0]} {a[n][1]}, expected {e[n][0]} {e[n][1]}'
+      for n in sorted(set(a) & set(e)) if a[n] != e[n]
+  ]
   return lines
 
 
@@ -90,8 +92,8 @@ def _json_default(obj):
 
 
 def save_model_dir(path, variables: Mapping, spec: models.ModelSpec,
-                   metadata: Optional[Mapping[str, Any]] = None, *,
-                   overwrite: bool = False) -> Path:
+                   metadata: Optional[Mapping[str,
+                                              Any]] = None, *, overwrite: bool = False) -> Path:
   """Writes ``variables`` (Orbax, synchronously) and ``model.json`` to ``path``.
 
   Args:
@@ -110,8 +112,9 @@ def save_model_dir(path, variables: Mapping, spec: models.ModelSpec,
   diffs = tree_differences(variables, abstract_variables(spec.build()))
   if diffs:
     raise ModelDirError(f'variables do not fit {spec}:\n  ' + '\n  '.join(diffs))
-  doc = {'format': FORMAT, 'version': VERSION, 'spec': spec.to_dict(),
-         'metadata': dict(metadata or {})}
+  doc = {
+      'format': FORMAT, 'version': VERSION, 'spec': spec.to_dict(), 'metadata': dict(metadata or {})
+  }
   text = json.dumps(doc, indent=2, sort_keys=True, default=_json_default)
 
   if path.exists() and not path.is_dir():
@@ -192,8 +195,7 @@ def read_model_json(path) -> dict:
   if doc.get('version') not in READABLE_VERSIONS:
     raise ModelDirError(f'{mj} has version {doc.get("version")!r}; this code reads '
                         f'{READABLE_VERSIONS}.')
-  doc['spec'] = _spec(doc.pop('model_kwargs') if doc['version'] == 1 else doc.get('spec'),
-                      str(mj))
+  doc['spec'] = _spec(doc.pop('model_kwargs') if doc['version'] == 1 else doc.get('spec'), str(mj))
   doc.setdefault('metadata', {})
   return doc
 
@@ -224,8 +226,7 @@ def load_model_dir(path, *, dtype: Any = jnp.float32) -> Tuple[models.ResNet, di
       raise ModelDirError(f'{vdir} is not a readable Orbax checkpoint: {e}') from e
     diffs = tree_differences(saved, target)
     if diffs:
-      raise ModelDirError(f'{vdir} does not match {doc["spec"]}:\n  '
-                          + '\n  '.join(diffs))
+      raise ModelDirError(f'{vdir} does not match {doc["spec"]}:\n  ' + '\n  '.join(diffs))
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                           target)

@@ -92,9 +92,9 @@ class TwinBatchNorm(nn.Module):
     init_s, init_b = nn.initializers.ones, nn.initializers.zeros
     if self.twin and not self.share_affine:
       pairs = {
-          branch: (self.param(f'{branch}_scale', init_s, (c,), f32),
-                   self.param(f'{branch}_bias', init_b, (c,), f32))
-          for branch in ('adaptive', 'frozen')
+          branch: (self.param(f'{branch}_scale', init_s, (c,),
+                              f32), self.param(f'{branch}_bias', init_b, (c,),
+                                               f32)) for branch in ('adaptive', 'frozen')
       }
       scale, bias = pairs['frozen' if mode == FROZEN else 'adaptive']
     else:
@@ -140,8 +140,8 @@ class TorchDense(nn.Module):
   def __call__(self, x):
     fan_in = x.shape[-1]
     kernel = self.param('kernel', torch_linear_init, (fan_in, self.features), self.param_dtype)
-    bias = self.param('bias', functools.partial(torch_linear_init, fan_in=fan_in),
-                      (self.features,), self.param_dtype)
+    bias = self.param('bias', functools.partial(torch_linear_init, fan_in=fan_in), (self.features,),
+                      self.param_dtype)
     y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
     return (y + bias.astype(self.dtype)).astype(self.param_dtype)
 
@@ -183,8 +183,8 @@ class TorchConv(nn.Module):
                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def torch_conv(features, kernel, stride=1, dtype=jnp.float32, name=None,
-               param_dtype=jnp.float32, impl='auto'):
+def torch_conv(features, kernel, stride=1, dtype=jnp.float32, name=None, param_dtype=jnp.float32,
+               impl='auto'):
   """A bias-free convolution with PyTorch's symmetric ``kernel // 2`` padding."""
   return TorchConv(features, kernel, stride, dtype=dtype, param_dtype=param_dtype, impl=impl,
                    name=name)
@@ -311,8 +311,8 @@ class ResNet(nn.Module):
         stride = 2 if (i > 0 and j == 0) else 1
         downsample = j == 0 and (stride != 1 or in_planes != planes * expansion)
         x = block_cls(planes=planes, stride=stride, downsample=downsample, norm=norm,
-                      dtype=self.dtype, param_dtype=self.param_dtype,
-                      conv_impl=self.conv_impl, name=f'layer{i + 1}_{j}')(x, mode)
+                      dtype=self.dtype, param_dtype=self.param_dtype, conv_impl=self.conv_impl,
+                      name=f'layer{i + 1}_{j}')(x, mode)
         in_planes = planes * expansion
     x = jnp.mean(x.astype(self.param_dtype), axis=(1, 2))
     return TorchDense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -352,8 +352,8 @@ class ModelSpec:
         or self.num_classes < 1:
       raise ValueError(f'num_classes must be a positive integer, got {self.num_classes!r}.')
     if self.resize is not None and (isinstance(self.resize, bool) or
-                                    not isinstance(self.resize, (int, np.integer)) or
-                                    self.resize < 1):
+                                    not isinstance(self.resize,
+                                                   (int, np.integer)) or self.resize < 1):
       raise ValueError(f'resize must be None or a positive integer, got {self.resize!r}.')
     object.__setattr__(self, 'num_classes', int(self.num_classes))
     object.__setattr__(self, 'resize', None if self.resize is None else int(self.resize))
@@ -390,13 +390,12 @@ class ModelSpec:
     return cls(**d)
 
 
-def create_model(arch: str, num_classes: int, *, resize: Optional[int] = None,
-                 twin: bool = True, share_affine: bool = False,
-                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 conv_impl: str = 'auto') -> ResNet:
+def create_model(arch: str, num_classes: int, *, resize: Optional[int] = None, twin: bool = True,
+                 share_affine: bool = False, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32, conv_impl: str = 'auto') -> ResNet:
   """Builds one of :data:`ARCHS`: ``ModelSpec(arch, num_classes, ...).build(...)``."""
-  return ModelSpec(arch, num_classes, resize, twin, share_affine).build(
-      dtype=dtype, param_dtype=param_dtype, conv_impl=conv_impl)
+  return ModelSpec(arch, num_classes, resize, twin,
+                   share_affine).build(dtype=dtype, param_dtype=param_dtype, conv_impl=conv_impl)
 
 
 def init_variables(model: ResNet, seed: int | jax.Array = 0, image_size: int = 32) -> dict:
@@ -419,6 +418,7 @@ def convert_variables(variables: dict, *, twin: bool, share_affine: bool = False
   the Adaptive one, which is what porting a PyTorch checkpoint does. For a plain
   model the Adaptive branch is kept. Use it to fine-tune a model pre-trained here.
   """
+
   def relayout(tree):
     if not isinstance(tree, dict):
       return tree
@@ -427,13 +427,12 @@ def convert_variables(variables: dict, *, twin: bool, share_affine: bool = False
       scale = tree.get('adaptive_scale', tree.get('scale'))
       bias = tree.get('adaptive_bias', tree.get('bias'))
       if twin and not share_affine:
-        return dict(adaptive_scale=scale, adaptive_bias=bias,
-                    frozen_scale=jnp.array(scale), frozen_bias=jnp.array(bias))
+        return dict(adaptive_scale=scale, adaptive_bias=bias, frozen_scale=jnp.array(scale),
+                    frozen_bias=jnp.array(bias))
       return dict(scale=scale, bias=bias)
     return tree
 
-  out = {'params': relayout(dict(variables['params'])),
-         'batch_stats': variables['batch_stats']}
+  out = {'params': relayout(dict(variables['params'])), 'batch_stats': variables['batch_stats']}
   if twin:
     out['frozen_stats'] = jax.tree.map(jnp.array, variables['batch_stats'])
   return out

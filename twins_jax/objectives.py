@@ -69,16 +69,15 @@ def split_forward(forward: Forward, stats: Stats, x: jax.Array):
   return (logits_f, logits_a), stats
 
 
-def twins_at(forward: Forward, stats: Stats, x_nat, x_adv, y, *, lambda_twins: float,
-             beta: float):
+def twins_at(forward: Forward, stats: Stats, x_nat, x_adv, y, *, lambda_twins: float, beta: float):
   del x_nat, beta
   y_f, y_a = split(y)
   (logits_f, logits_a), stats = split_forward(forward, stats, x_adv)
   loss_f, loss_a = cross_entropy(logits_f, y_f), cross_entropy(logits_a, y_a)
   loss = lambda_twins * loss_f + loss_a
   return loss, stats, dict(loss=loss, frozen_loss=loss_f, adaptive_loss=loss_a,
-                           frozen_adv_acc=accuracy(logits_f, y_f),
-                           adaptive_adv_acc=accuracy(logits_a, y_a))
+                           frozen_adv_acc=accuracy(logits_f,
+                                                   y_f), adaptive_adv_acc=accuracy(logits_a, y_a))
 
 
 def twins_trades(forward: Forward, stats: Stats, x_nat, x_adv, y, *, lambda_twins: float,
@@ -93,11 +92,13 @@ def twins_trades(forward: Forward, stats: Stats, x_nat, x_adv, y, *, lambda_twin
   loss_nat = lambda_twins * nat_loss_f + nat_loss_a
   loss_rob = lambda_twins * rob_loss_f + rob_loss_a
   loss = loss_nat + beta * loss_rob
-  return loss, stats, dict(
-      loss=loss, natural_loss=loss_nat, robust_loss=loss_rob,
-      frozen_loss=nat_loss_f + beta * rob_loss_f, adaptive_loss=nat_loss_a + beta * rob_loss_a,
-      frozen_clean_acc=accuracy(nat_f, y_f), adaptive_clean_acc=accuracy(nat_a, y_a),
-      frozen_adv_acc=accuracy(adv_f, y_f), adaptive_adv_acc=accuracy(adv_a, y_a))
+  return loss, stats, dict(loss=loss, natural_loss=loss_nat, robust_loss=loss_rob,
+                           frozen_loss=nat_loss_f + beta * rob_loss_f,
+                           adaptive_loss=nat_loss_a + beta * rob_loss_a,
+                           frozen_clean_acc=accuracy(nat_f,
+                                                     y_f), adaptive_clean_acc=accuracy(nat_a, y_a),
+                           frozen_adv_acc=accuracy(adv_f,
+                                                   y_f), adaptive_adv_acc=accuracy(adv_a, y_a))
 
 
 def at(forward: Forward, stats: Stats, x_nat, x_adv, y, *, lambda_twins: float, beta: float):
@@ -107,8 +108,7 @@ def at(forward: Forward, stats: Stats, x_nat, x_adv, y, *, lambda_twins: float, 
   return loss, stats, dict(loss=loss, adaptive_loss=loss, adaptive_adv_acc=accuracy(logits, y))
 
 
-def trades(forward: Forward, stats: Stats, x_nat, x_adv, y, *, lambda_twins: float,
-           beta: float):
+def trades(forward: Forward, stats: Stats, x_nat, x_adv, y, *, lambda_twins: float, beta: float):
   del lambda_twins
   adv, stats = forward(stats, x_adv, TRAIN)  # adversarial first, as the official script
   nat, stats = forward(stats, x_nat, TRAIN)

@@ -48,8 +48,7 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   """
   if jax.process_count() > 1:
     tree = jax.tree.map(
-        lambda a: np.asarray(a) if isinstance(a, jax.Array) and a.is_fully_addressable else a,
-        tree)
+        lambda a: np.asarray(a) if isinstance(a, jax.Array) and a.is_fully_addressable else a, tree)
   return jax.device_put(tree, replicated(mesh))
 
 

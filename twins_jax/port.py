@@ -83,13 +83,15 @@ def _module_kind(module: str) -> Optional[Tuple[str, Tuple[str, ...]]]:
   return kind, (f'layer{layer}_{block}', sub.replace('.', '_'))
 
 
-def _leaf_rules(kind: str, twin: bool, share_affine: bool) -> Dict[str, List[Tuple[str, str, Transform]]]:
+def _leaf_rules(kind: str, twin: bool,
+                share_affine: bool) -> Dict[str, List[Tuple[str, str, Transform]]]:
   """torch leaf name -> [(collection, flax leaf name, transform)]; [] = expected, ignored."""
   if kind == 'conv':
     return {'weight': [('params', 'kernel', _OIHW_TO_HWIO)]}
   if kind == 'linear':
-    return {'weight': [('params', 'kernel', _OUT_IN_TO_IN_OUT)],
-            'bias': [('params', 'bias', _IDENTITY)]}
+    return {
+        'weight': [('params', 'kernel', _OUT_IN_TO_IN_OUT)], 'bias': [('params', 'bias', _IDENTITY)]
+    }
   affine = ('adaptive_', 'frozen_') if (twin and not share_affine) else ('',)
   stats = ('batch_stats', 'frozen_stats') if twin else ('batch_stats',)
   return {
@@ -101,8 +103,8 @@ def _leaf_rules(kind: str, twin: bool, share_affine: bool) -> Dict[str, List[Tup
   }
 
 
-def torch_to_flax(name: str, *, twin: bool = True, share_affine: bool = False
-                  ) -> Optional[List[Tuple[str, Transform]]]:
+def torch_to_flax(name: str, *, twin: bool = True,
+                  share_affine: bool = False) -> Optional[List[Tuple[str, Transform]]]:
   """Flax targets of one torchvision state-dict entry.
 
   Returns ``[('params/layer1_0/conv1/kernel', transform), ...]`` (one BN entry fills
@@ -121,10 +123,11 @@ def torch_to_flax(name: str, *, twin: bool = True, share_affine: bool = False
   return [('/'.join((coll, *mpath, fleaf)), fn) for coll, fleaf, fn in rules[leaf]]
 
 
-_FLAX_LEAF_TO_TORCH = {'kernel': 'weight', 'bias': 'bias', 'scale': 'weight',
-                       'adaptive_scale': 'weight', 'frozen_scale': 'weight',
-                       'adaptive_bias': 'bias', 'frozen_bias': 'bias',
-                       'mean': 'running_mean', 'var': 'running_var'}
+_FLAX_LEAF_TO_TORCH = {
+    'kernel': 'weight', 'bias': 'bias', 'scale': 'weight', 'adaptive_scale': 'weight',
+    'frozen_scale': 'weight', 'adaptive_bias': 'bias', 'frozen_bias': 'bias',
+    'mean': 'running_mean', 'var': 'running_var'
+}
 
 
 def flax_to_torch_name(path: str) -> str:
@@ -193,24 +196,26 @@ class PortReport:
 
   def summary(self, max_names: int = 20, problems: bool = True) -> str:
     """A short human-readable report (``problems=False`` leaves out the refused names)."""
+
     def names(items):
       shown = ', '.join(items[:max_names])
       return shown + (f', ... ({len(items) - max_names} more)' if len(items) > max_names else '')
 
-    lines = [f'source: {self.source}',
-             f'format: {self.checkpoint_format} (state dict at {self.container}'
-             + (f', prefixes stripped: {" ".join(self.prefixes_stripped)}' if self.prefixes_stripped else '')
-             + ')',
-             f'model: {self.arch}, {self.num_classes} classes, twin={self.twin}, '
-             f'share_affine={self.share_affine}',
-             f'loaded {self.loaded} tensors; head: {self.head}']
+    lines = [
+        f'source: {self.source}',
+        f'format: {self.checkpoint_format} (state dict at {self.container}' +
+        (f', prefixes stripped: {" ".join(self.prefixes_stripped)}' if self.prefixes_stripped else
+         '') + ')', f'model: {self.arch}, {self.num_classes} classes, twin={self.twin}, '
+        f'share_affine={self.share_affine}', f'loaded {self.loaded} tensors; head: {self.head}'
+    ]
     if self.checkpoint_info:
-      lines.append('checkpoint info: ' + ', '.join(f'{k}={v}' for k, v in self.checkpoint_info.items()))
+      lines.append('checkpoint info: ' +
+                   ', '.join(f'{k}={v}' for k, v in self.checkpoint_info.items()))
     if self.ignored:
       lines.append('ignored: ' + ', '.join(f'{n} {k}' for k, n in self.ignored.items()))
     for label, items in (('MISSING', self.missing), ('UNEXPECTED', self.unexpected),
-                         ('MIS-SHAPED', self.mismatched),
-                         ('missing, allowed (fresh init)', self.allowed_missing),
+                         ('MIS-SHAPED', self.mismatched), ('missing, allowed (fresh init)',
+                                                           self.allowed_missing),
                          ('unexpected, allowed (ignored)', self.allowed_unexpected)):
       if items and (problems or not label.isupper()):
         lines.append(f'{label} ({len(items)}): {names(items)}')
@@ -219,10 +224,9 @@ class PortReport:
 
 
 def _is_tensor_dict(obj) -> bool:
-  return (isinstance(obj, Mapping) and len(obj) > 0
-          and all(isinstance(k, str) for k in obj)
-          and any(isinstance(v, np.ndarray) for v in obj.values())
-          and all(isinstance(v, (np.ndarray, np.generic, int, float)) for v in obj.values()))
+  return (isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(k, str) for k in obj) and
+          any(isinstance(v, np.ndarray) for v in obj.values()) and
+          all(isinstance(v, (np.ndarray, np.generic, int, float)) for v in obj.values()))
 
 
 def _scalar(v):
@@ -237,8 +241,9 @@ def _scalar(v):
 
 def _find_state_dict(obj, report: PortReport) -> Mapping[str, Any]:
   if not isinstance(obj, Mapping):
-    raise PortError(f'{report.source}: the checkpoint holds a {type(obj).__name__}, '
-                    'not a dict / state_dict.', report)
+    raise PortError(
+        f'{report.source}: the checkpoint holds a {type(obj).__name__}, '
+        'not a dict / state_dict.', report)
   if _is_tensor_dict(obj):
     report.container = 'top level'
     return obj
@@ -250,8 +255,9 @@ def _find_state_dict(obj, report: PortReport) -> Mapping[str, Any]:
           report.checkpoint_info[k] = _scalar(obj[k])
       return obj[key]
   keys = ', '.join(repr(k) for k in list(obj)[:10])
-  raise PortError(f'{report.source}: no state dict found (looked at the top level and under '
-                  f"'model', 'state_dict', 'model_state_dict'; top-level keys: {keys}).", report)
+  raise PortError(
+      f'{report.source}: no state dict found (looked at the top level and under '
+      f"'model', 'state_dict', 'model_state_dict'; top-level keys: {keys}).", report)
 
 
 def _strip_prefixes(sd: Mapping[str, Any], report: PortReport) -> Dict[str, Any]:
@@ -275,9 +281,9 @@ def _strip_prefixes(sd: Mapping[str, Any], report: PortReport) -> Dict[str, Any]
         other[k] = v  # reported as unexpected under its own name
     if attacker:
       report.ignored['attacker copies (duplicate weights)'] = len(attacker)
-      differ = sorted(k for k, v in attacker.items()
-                      if k not in model or np.shape(model[k]) != np.shape(v)
-                      or not np.array_equal(model[k], v))
+      differ = sorted(
+          k for k, v in attacker.items()
+          if k not in model or np.shape(model[k]) != np.shape(v) or not np.array_equal(model[k], v))
       if differ:
         report.warnings.append(
             f'{len(differ)} attacker.model.* entries differ from (or are absent in) the '
@@ -304,10 +310,11 @@ def _check_normaliser(key: str, value, report: PortReport) -> None:
     report.warnings.append(
         f'{key} = {None if got is None else got.tolist()} is not the ImageNet constant '
         f'{want.tolist()} that the Flax model uses inside its forward; the ported model '
-        'will normalise its inputs differently from the checkpoint\'s.')
+        "will normalise its inputs differently from the checkpoint's.")
 
 
 # ------------------------------------------------------------------- the port
+
 
 def _fresh_value(path: str, shape, key) -> np.ndarray:
   """A freshly initialised leaf, with the model's own initialisers."""
@@ -327,8 +334,9 @@ def _fresh_head(num_classes: int, fan_in: int, seed: int) -> Dict[str, np.ndarra
   """``fc`` kernel/bias as the model initialises them (PyTorch's default Linear init)."""
   params = models.TorchDense(num_classes).init(jax.random.PRNGKey(seed),
                                                jnp.zeros((1, fan_in), jnp.float32))['params']
-  return {'params/fc/kernel': np.asarray(params['kernel']),
-          'params/fc/bias': np.asarray(params['bias'])}
+  return {
+      'params/fc/kernel': np.asarray(params['kernel']), 'params/fc/bias': np.asarray(params['bias'])
+  }
 
 
 def _unflatten(flat: Mapping[str, Any]) -> dict:
@@ -347,8 +355,7 @@ def _matches(patterns: Sequence[str], *names: str) -> bool:
 
 
 def port_checkpoint(src, spec: models.ModelSpec, *, allow_missing: Sequence[str] = (),
-                    allow_unexpected: Sequence[str] = (),
-                    seed: int = 0) -> Tuple[dict, PortReport]:
+                    allow_unexpected: Sequence[str] = (), seed: int = 0) -> Tuple[dict, PortReport]:
   """Converts a PyTorch ResNet checkpoint into the variables of the model ``spec`` describes.
 
   Args:
@@ -391,8 +398,8 @@ def port_checkpoint(src, spec: models.ModelSpec, *, allow_missing: Sequence[str]
   # The classification head: kept if it fits, replaced if only its class count differs.
   fan_in, _ = expected['params/fc/kernel'][0]
   w, b = sd.get('fc.weight'), sd.get('fc.bias')
-  if (isinstance(w, np.ndarray) and isinstance(b, np.ndarray) and w.ndim == 2
-      and w.shape[1] == fan_in and b.shape == (w.shape[0],) and w.shape[0] != num_classes):
+  if (isinstance(w, np.ndarray) and isinstance(b, np.ndarray) and w.ndim == 2 and
+      w.shape[1] == fan_in and b.shape == (w.shape[0],) and w.shape[0] != num_classes):
     report.head = (f'replaced: checkpoint head has {w.shape[0]} classes, model {num_classes}; '
                    f'fresh Linear({fan_in}, {num_classes}) with PyTorch default init (seed {seed})')
     report.head_replaced = True
@@ -405,8 +412,8 @@ def port_checkpoint(src, spec: models.ModelSpec, *, allow_missing: Sequence[str]
     if targets is not None and any(t not in expected for t, _ in targets):
       targets = None  # a ResNet name this architecture does not have (e.g. layer3.5 in resnet18)
     if targets is None:
-      (report.allowed_unexpected if _matches(allow_unexpected, name)
-       else report.unexpected).append(name)
+      (report.allowed_unexpected
+       if _matches(allow_unexpected, name) else report.unexpected).append(name)
       continue
     if not targets:
       key = 'num_batches_tracked' if name.endswith('num_batches_tracked') else 'unused'
@@ -429,12 +436,13 @@ def port_checkpoint(src, spec: models.ModelSpec, *, allow_missing: Sequence[str]
         report.warnings.append(f'{name} has non-finite values.')
 
   if not report.head_replaced:
-    report.head = ('kept' if 'params/fc/kernel' in filled
-                   else 'not in the checkpoint') + f' ({num_classes} classes)'
+    report.head = ('kept' if 'params/fc/kernel' in filled else
+                   'not in the checkpoint') + f' ({num_classes} classes)'
 
   mismatched_names = {m.split(':', 1)[0] for m in report.mismatched}
-  missing_paths = [p for p in expected if p not in filled
-                   and flax_to_torch_name(p) not in mismatched_names]
+  missing_paths = [
+      p for p in expected if p not in filled and flax_to_torch_name(p) not in mismatched_names
+  ]
   by_name: Dict[str, List[str]] = {}
   for p in missing_paths:
     by_name.setdefault(flax_to_torch_name(p), []).append(p)
@@ -457,19 +465,20 @@ def port_checkpoint(src, spec: models.ModelSpec, *, allow_missing: Sequence[str]
   if not report.ok:
     parts = []
     if report.missing:
-      parts.append(f'missing from the checkpoint ({len(report.missing)}): '
-                   + ', '.join(report.missing))
+      parts.append(f'missing from the checkpoint ({len(report.missing)}): ' +
+                   ', '.join(report.missing))
     if report.unexpected:
-      parts.append(f'unexpected in the checkpoint ({len(report.unexpected)}): '
-                   + ', '.join(report.unexpected))
+      parts.append(f'unexpected in the checkpoint ({len(report.unexpected)}): ' +
+                   ', '.join(report.unexpected))
     if report.mismatched:
       parts.append(f'mis-shaped ({len(report.mismatched)}): ' + '; '.join(report.mismatched))
-    hint = ('Check --arch / --num-classes against the checkpoint.' if not
-            (report.missing or report.unexpected) else
+    hint = ('Check --arch / --num-classes against the checkpoint.'
+            if not (report.missing or report.unexpected) else
             'Check --arch, or pass allow_missing / --allow-missing (e.g. "layer4.*") or '
             'allow_unexpected / --allow-unexpected globs to accept a partial load deliberately.')
-    raise PortError(f'{source} does not fit {arch} with {num_classes} classes:\n  '
-                    + '\n  '.join(parts) + '\n' + hint, report)
+    raise PortError(
+        f'{source} does not fit {arch} with {num_classes} classes:\n  ' + '\n  '.join(parts) +
+        '\n' + hint, report)
 
   for w in report.warnings:
     warnings.warn(w, stacklevel=2)
@@ -512,22 +521,25 @@ def port_to_dir(src, dst, spec: models.ModelSpec, *, overwrite: bool = False,
 
 # ------------------------------------------------------------------------ CLI
 
+
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog='python -m twins_jax.port',
       description='Port a PyTorch ResNet checkpoint (robustness .ckpt, torchvision or '
-                  'RobustBench state dict) to a twins_jax model directory.')
+      'RobustBench state dict) to a twins_jax model directory.')
   p.add_argument('src', help='the PyTorch checkpoint file')
   p.add_argument('dst', help='the model directory to write')
   p.add_argument('--arch', required=True, choices=sorted(models.ARCHS))
-  p.add_argument('--num-classes', type=int, required=True,
-                 help='classes of the new model; a checkpoint head of another size is '
-                      'replaced by a fresh one')
+  p.add_argument(
+      '--num-classes', type=int, required=True,
+      help='classes of the new model; a checkpoint head of another size is '
+      'replaced by a fresh one')
   p.add_argument('--resize', type=int, default=None,
                  help='nearest-upsample inputs to RESIZE x RESIZE inside the model (e.g. 224)')
-  p.add_argument('--allow-missing', nargs='+', action='extend', default=[], metavar='PATTERN',
-                 help='glob(s) of model entries the checkpoint may lack (fresh init), '
-                      'torch names ("layer4.*") or Flax paths ("params/layer4_*")')
+  p.add_argument(
+      '--allow-missing', nargs='+', action='extend', default=[], metavar='PATTERN',
+      help='glob(s) of model entries the checkpoint may lack (fresh init), '
+      'torch names ("layer4.*") or Flax paths ("params/layer4_*")')
   p.add_argument('--allow-unexpected', nargs='+', action='extend', default=[], metavar='PATTERN',
                  help='glob(s) of checkpoint entries to ignore')
   p.add_argument('--share-affine', action='store_true',
@@ -546,10 +558,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       warnings.simplefilter('ignore')  # the report prints them
       spec = models.ModelSpec(args.arch, args.num_classes, resize=args.resize,
                               twin=not args.no_twin, share_affine=args.share_affine)
-      _, report = port_to_dir(
-          args.src, args.dst, spec, overwrite=args.overwrite,
-          allow_missing=args.allow_missing, allow_unexpected=args.allow_unexpected,
-          seed=args.seed)
+      _, report = port_to_dir(args.src, args.dst, spec, overwrite=args.overwrite,
+                              allow_missing=args.allow_missing,
+                              allow_unexpected=args.allow_unexpected, seed=args.seed)
   except UnsafeCheckpointError as e:
     print(f'error: refusing {args.src}: it asks to run code when loaded.\n{e}', file=sys.stderr)
     return 2

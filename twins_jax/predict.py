@@ -18,7 +18,6 @@ import argparse
 import functools
 import os
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 import jax
@@ -27,7 +26,6 @@ import numpy as np
 
 from twins_jax import model_io
 from twins_jax import models
-
 
 resolve_model_dir = model_io.resolve_model_dir
 
@@ -69,8 +67,7 @@ def predict(model: models.ResNet, variables, images, batch_size: int = 128) -> n
     raise ValueError(f'batch_size must be a positive integer, got {batch_size!r}.')
   n = images.shape[0]
   b = min(int(batch_size), n)
-  variables = {k: v for k, v in variables.items()
-               if k in ('params', 'batch_stats', 'frozen_stats')}
+  variables = {k: v for k, v in variables.items() if k in ('params', 'batch_stats', 'frozen_stats')}
   fn = _eval_fn(model)
   out = []
   for start in range(0, n, b):
@@ -85,9 +82,10 @@ def predict(model: models.ResNet, variables, images, batch_size: int = 128) -> n
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog='python -m twins_jax.predict',
-                              description='Write the Adaptive Net eval-mode logits of a '
-                                          'model directory for an .npy of images.')
+  p = argparse.ArgumentParser(
+      prog='python -m twins_jax.predict',
+      description='Write the Adaptive Net eval-mode logits of a '
+      'model directory for an .npy of images.')
   p.add_argument('model_dir', help='model directory (from twins_jax.port or training)')
   p.add_argument('--images', required=True, help='N x H x W x 3 float32 .npy in [0, 1]')
   p.add_argument('--out', required=True, help='where to write the N x C float32 logits (.npy)')

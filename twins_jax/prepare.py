@@ -45,8 +45,8 @@ def class_images(src: Path, extensions=IMAGE_EXTENSIONS) -> dict[str, list[Path]
   return out
 
 
-def split_per_class(src, dst, train_per_class: int, *, copy: bool = False,
-                    test_name: str = 'test', extensions=IMAGE_EXTENSIONS) -> dict[str, int]:
+def split_per_class(src, dst, train_per_class: int, *, copy: bool = False, test_name: str = 'test',
+                    extensions=IMAGE_EXTENSIONS) -> dict[str, int]:
   """Writes ``dst/train/<class>/`` (the first ``train_per_class`` images of each class, in
   file-name order) and ``dst/<test_name>/<class>/`` (the rest), as symbolic links to the
   files of ``src`` (``copy=True``: copies). Returns the counts. ``dst`` must not exist yet
@@ -86,28 +86,30 @@ def main(argv=None) -> int:
       prog='python -m twins_jax.prepare',
       description='Prepare an image-folder dataset split (once, before training).')
   sub = parser.add_subparsers(dest='dataset', required=True)
-  cal = sub.add_parser('caltech256', help="Caltech-256's standard split: the first 60 images "
-                       'of each class for training, the rest for testing.')
+  cal = sub.add_parser(
+      'caltech256', help="Caltech-256's standard split: the first 60 images "
+      'of each class for training, the rest for testing.')
   cal.add_argument('src', help='the extracted 256_ObjectCategories folder')
   cal.add_argument('dst', help='where to write train/ and test/ (must not exist)')
   cal.add_argument('--copy', action='store_true', help='copy the images instead of linking')
-  gen = sub.add_parser('split', help='any root/<class>/<images> folder: the first N images '
-                       'of each class for training, the rest for testing.')
+  gen = sub.add_parser(
+      'split', help='any root/<class>/<images> folder: the first N images '
+      'of each class for training, the rest for testing.')
   gen.add_argument('src')
   gen.add_argument('dst')
   gen.add_argument('--train-per-class', type=int, required=True)
   gen.add_argument('--copy', action='store_true')
   args = parser.parse_args(argv)
-  per_class = (CALTECH256_TRAIN_PER_CLASS if args.dataset == 'caltech256'
-               else args.train_per_class)
+  per_class = (CALTECH256_TRAIN_PER_CLASS if args.dataset == 'caltech256' else args.train_per_class)
   try:
     counts = split_per_class(args.src, args.dst, per_class, copy=args.copy)
   except (PrepareError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   if args.dataset == 'caltech256' and counts['classes'] != CALTECH256_CLASSES:
-    print(f'warning: found {counts["classes"]} classes; Caltech-256 has '
-          f'{CALTECH256_CLASSES} (256 categories and 257.clutter).', file=sys.stderr)
+    print(
+        f'warning: found {counts["classes"]} classes; Caltech-256 has '
+        f'{CALTECH256_CLASSES} (256 categories and 257.clutter).', file=sys.stderr)
   dst = Path(args.dst)
   print(f'{counts["classes"]} classes: {counts["train"]} training images in {dst / "train"}, '
         f'{counts["test"]} test images in {dst / "test"}.')

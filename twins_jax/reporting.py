@@ -42,16 +42,15 @@ class MetricWriter:
     try:
       from tensorboardX import SummaryWriter
       # purge_step: TensorBoard hides the events an interrupted run logged after it.
-      self._tb = SummaryWriter(str(Path(workdir) / 'tensorboard'), purge_step=(
-          resume_step + 1 if resume_step else None))
+      self._tb = SummaryWriter(str(Path(workdir) / 'tensorboard'),
+                               purge_step=(resume_step + 1 if resume_step else None))
     except ImportError:  # TensorBoard logs are optional
       self._tb = None
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     if not self.enabled:
       return
-    record = {'step': int(step), 'time': time.time(),
-              **{k: float(v) for k, v in scalars.items()}}
+    record = {'step': int(step), 'time': time.time(), **{k: float(v) for k, v in scalars.items()}}
     self._file.write(json.dumps(record) + '\n')
     if self._tb is not None:
       for k, v in scalars.items():
@@ -77,8 +76,7 @@ class TrainProgress:
   def __init__(self, total_steps: int, start_step: int, batch_size: int, enabled: bool = True):
     self.batch_size = batch_size
     self._bar = tqdm(total=total_steps, initial=start_step, desc='train', unit='step',
-                     dynamic_ncols=True, disable=not enabled, file=sys.stderr,
-                     mininterval=1.0)
+                     dynamic_ncols=True, disable=not enabled, file=sys.stderr, mininterval=1.0)
     self._last = start_step
 
   def update(self, step: int) -> None:
@@ -113,16 +111,19 @@ def results_table(results: dict, config) -> str:
   if has_aa:
     head += f' AutoAttack ({config.autoattack}) % |'
     sep += '---|'
-  lines = [f'## {results["method"]} on {results["dataset"]} '
-           f'(eps {config.eps:.4g}, {config.norm}; test set, every example once)', '',
-           head, sep]
+  lines = [
+      f'## {results["method"]} on {results["dataset"]} '
+      f'(eps {config.eps:.4g}, {config.norm}; test set, every example once)', '', head, sep
+  ]
   for name, r in results['test'].items():
     row = f'| {name} | {_pct(r["clean_acc"])} | {_pct(r["pgd_acc"])} |'
     if has_aa:
       row += f' {_pct(r.get("autoattack_acc"))} |'
     lines.append(row)
-  lines += ['', f'{next(iter(results["test"].values()))["num_examples"]} test examples. '
-            + protocol_note(results)]
+  lines += [
+      '', f'{next(iter(results["test"].values()))["num_examples"]} test examples. ' +
+      protocol_note(results)
+  ]
   return '\n'.join(lines)
 
 
@@ -135,14 +136,16 @@ def protocol_note(results: dict) -> str:
              f'(last batch: {proto.get("last_batch")}). ') if n_train else ''
   best = results.get('best_validation')
   if 'best' not in results['test']:
-    return (trained + 'Protocol: the reference\'s (all training images, no validation '
+    return (trained + "Protocol: the reference's (all training images, no validation "
             'split, the final model reported; set config.val_fraction > 0 to select a best '
             'model on a held-out validation split).')
-  return (trained + f'Protocol: model selection on a validation split of '
-          f'{proto.get("val_examples", "?")} images held out of the training set '
-          f'(val_fraction={proto.get("val_fraction")}). "best" has the best validation PGD '
-          f'accuracy' + (f' (epoch {best["epoch"]:g}, validation PGD {_pct(best["pgd_acc"])} %)'
-                         if best else '') + '; "last" is the final model.')
+  return (
+      trained + f'Protocol: model selection on a validation split of '
+      f'{proto.get("val_examples", "?")} images held out of the training set '
+      f'(val_fraction={proto.get("val_fraction")}). "best" has the best validation PGD '
+      f'accuracy' +
+      (f' (epoch {best["epoch"]:g}, validation PGD {_pct(best["pgd_acc"])} %)' if best else '') +
+      '; "last" is the final model.')
 
 
 def plot_curves(workdir) -> list[Path]:
@@ -168,8 +171,8 @@ def plot_curves(workdir) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4))
     for k in keys:
       pts = [(r['step'], r[k]) for r in records if k in r]
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker='.' if
-              k.startswith('val/') else None)
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k,
+              marker='.' if k.startswith('val/') else None)
     ax.set_xlabel('step')
     ax.set_title(name.replace('_', ' '))
     ax.legend(fontsize=7)

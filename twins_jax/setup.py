@@ -50,8 +50,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.data_workers must be -1 (auto), 0 or more and config.data_threads '
                      f'1 or more, got {config.data_workers} and {config.data_threads}.')
   # Tuple fields take anything on the command line (--config.lr_milestones=abc -> ('abc',)).
-  for name, types, example in (('lr_milestones', (int, float), '"(30,50)"'),
-                               ('digits_classes', (int,), '"(5,6,7)"')):
+  for name, types, example in (('lr_milestones', (int, float), '"(30,50)"'), ('digits_classes',
+                                                                              (int,), '"(5,6,7)"')):
     if any(isinstance(v, bool) or not isinstance(v, types) for v in config.get(name, ())):
       raise ValueError(f'config.{name}={tuple(config[name])!r} must be a tuple of '
                        f'{" or ".join(t.__name__ for t in types)}s, e.g. '
@@ -89,8 +89,8 @@ def build_model(config, spec: models.ModelSpec) -> models.ResNet:
 
 def data_config(config) -> dict:
   """The data fields of ``config``, with the 'pick the default' values ('', 0, ()) as None."""
-  fields = ('dataset', 'data_dir', 'folder_train', 'folder_test', 'digits_classes',
-            'val_fraction', 'augment', 'image_size', 'seed')
+  fields = ('dataset', 'data_dir', 'folder_train', 'folder_test', 'digits_classes', 'val_fraction',
+            'augment', 'image_size', 'seed')
   out = {k: config[k] for k in fields}
   for k in ('data_dir', 'folder_train', 'folder_test', 'augment', 'image_size', 'digits_classes'):
     if not out[k]:
@@ -135,8 +135,7 @@ def initial_variables(config, spec: models.ModelSpec) -> tuple[dict, str]:
     if source.arch != spec.arch:
       raise ValueError(f'config.pretrained {path} holds a {source.arch}, but config.arch is '
                        f'{spec.arch}.')
-    variables = models.convert_variables(variables, twin=spec.twin,
-                                         share_affine=spec.share_affine)
+    variables = models.convert_variables(variables, twin=spec.twin, share_affine=spec.share_affine)
     if source.num_classes != spec.num_classes:
       fresh = models.init_variables(model, config.seed)
       variables['params']['fc'] = fresh['params']['fc']

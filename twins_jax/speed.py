@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
 # How convolutions are computed: 'xla' (lax.conv), 'matmul' (matmul_conv) or 'auto':
 # on CPU the matrix product where XLA:CPU's convolution is slow (1x1 kernels, small
 # output maps; see use_matmul_conv and BENCHMARKS.md), lax.conv elsewhere and on
@@ -35,8 +34,7 @@ def use_matmul_conv(kernel: int, out_h: int, out_w: int, out_channels: int) -> b
 
 def _useful_taps(size: int, k: int, stride: int, pad: int, out: int) -> list[int]:
   """Kernel offsets along one axis that read at least one real (non-padding) input."""
-  return [i for i in range(k)
-          if any(pad <= o * stride + i < pad + size for o in range(out))]
+  return [i for i in range(k) if any(pad <= o * stride + i < pad + size for o in range(out))]
 
 
 def matmul_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:

@@ -37,10 +37,8 @@ class TrainState:
   @classmethod
   def create(cls, variables: dict, tx: optax.GradientTransformation) -> 'TrainState':
     params = variables['params']
-    return cls(step=jnp.zeros((), jnp.int32), params=params,
-               batch_stats=variables['batch_stats'],
-               frozen_stats=variables.get('frozen_stats', {}),
-               opt_state=tx.init(params))
+    return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],
+               frozen_stats=variables.get('frozen_stats', {}), opt_state=tx.init(params))
 
   @property
   def variables(self) -> dict:
@@ -55,7 +53,7 @@ def multistep_schedule(lr: float, boundaries: Sequence[int] = (),
   """PyTorch's ``MultiStepLR`` stepped per iteration: update ``k`` (0-based) uses
   ``lr * gamma ** #{b in boundaries : k >= b}``."""
   b = jnp.asarray(sorted(boundaries), jnp.int32).reshape(-1)
-  return lambda count: lr * gamma ** jnp.sum(count >= b)
+  return lambda count: lr * gamma**jnp.sum(count >= b)
 
 
 def make_optimizer(lr: float, weight_decay: float, momentum: float = 0.9,
@@ -123,8 +121,10 @@ def _group_norms(tree) -> dict:
       groups['frozen_bn'].append(leaf)
     else:  # adaptive_scale/bias, or the one scale/bias pair of a non-twin net
       groups['adaptive_bn'].append(leaf)
-  return {g: jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in leaves))
-          for g, leaves in groups.items() if leaves}
+  return {
+      g: jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in leaves)) for g, leaves in groups.items()
+      if leaves
+  }
 
 
 def diagnostics(params, grads) -> dict:
@@ -155,9 +155,10 @@ def make_forward(model: nn.Module, params, frozen_stats) -> objectives.Forward:
   return forward
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config: StepConfig,
-                    schedule: optax.Schedule | None = None
-                    ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+def make_train_step(
+    model: nn.Module, tx: optax.GradientTransformation, config: StepConfig,
+    schedule: optax.Schedule | None = None
+) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
   """Returns ``train_step(state, batch, key) -> (state, metrics)`` (not yet jitted).
 
   ``batch`` holds ``image`` (N, H, W, 3) in [0, 1] and ``label`` (N,). The step is a
@@ -176,8 +177,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config: 
     def loss_fn(params):
       forward = make_forward(model, params, state.frozen_stats)
       loss, batch_stats, metrics = objective(forward, state.batch_stats, x, x_adv, y,
-                                             lambda_twins=config.lambda_twins,
-                                             beta=config.beta)
+                                             lambda_twins=config.lambda_twins, beta=config.beta)
       return loss, (metrics, batch_stats)
 
     grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -207,8 +207,8 @@ def make_eval_step(model: nn.Module, config: StepConfig) -> Callable:
     mask = batch.get('mask', jnp.ones(y.shape, jnp.float32))
     logits_fn = config.attack_logits_fn(model, variables)
     clean = (jnp.argmax(logits_fn(x), -1) == y) * mask
-    x_adv = attacks.pgd(logits_fn, x, y, key, eps=eps, alpha=config.alpha,
-                        steps=config.steps, norm=config.norm, loss='ce',
+    x_adv = attacks.pgd(logits_fn, x, y, key, eps=eps, alpha=config.alpha, steps=config.steps,
+                        norm=config.norm, loss='ce',
                         start='uniform' if config.random_start else 'none')
     robust = (jnp.argmax(logits_fn(x_adv), -1) == y) * mask
     return {'clean': clean, 'pgd': robust, 'mask': mask}

@@ -74,9 +74,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   spec = setup.model_spec(config, datasets.num_classes)
   model = setup.build_model(config, spec)
 
-  plan = datasets.train_plan(config.batch_size, last_batch=config.last_batch,
-                             process_index=proc, process_count=n_proc,
-                             shard_multiple=mesh.devices.size)
+  plan = datasets.train_plan(config.batch_size, last_batch=config.last_batch, process_index=proc,
+                             process_count=n_proc, shard_multiple=mesh.devices.size)
   steps_per_epoch = plan.steps_per_epoch
   if steps_per_epoch == 0:
     raise ValueError(f'The training split ({len(datasets.train)} examples) is smaller than one '
@@ -94,8 +93,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                        async_save=config.async_checkpoints)
   for name in model_io.RUN_MODELS:
     if checkpointing.recover_best_model(workdir, name):
-      log.warning('%s recovered from %s.old (an earlier save was interrupted between its two '
-                  'renames).', name, name)
+      log.warning(
+          '%s recovered from %s.old (an earlier save was interrupted between its two '
+          'renames).', name, name)
   abstract_state = jax.eval_shape(
       lambda: step_lib.TrainState.create(model_io.abstract_variables(spec.build()), tx))
   abstract_state = jax.tree.map(
@@ -138,8 +138,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       batch = parallel.shard_batch(next(batches), mesh, replicate=not sharded)
       if not sharded and replicated_step is None:
         replicated_step = parallel.jit_train_step(step_fn, mesh, shard_batch=False)
-      state, metrics = (train_step if sharded else replicated_step)(
-          state, batch, jax.random.fold_in(train_key, step))
+      state, metrics = (train_step if sharded else replicated_step)(state, batch,
+                                                                    jax.random.fold_in(
+                                                                        train_key, step))
       window.append(metrics)
       window_sizes.append(plan.batch_size_at(step))
       done = step + 1
@@ -169,18 +170,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                              f'before validating or saving it; {last_good()}. Try a lower '
                              'config.lr or check the data.')
       if validate:
-        val = evaluator(state.variables, datasets.eval_batches(
-            'val', config.eval_batch_size, proc, n_proc, **options), eval_key,
-                        desc='validation')
+        val = evaluator(
+            state.variables,
+            datasets.eval_batches('val', config.eval_batch_size, proc, n_proc, **options), eval_key,
+            desc='validation')
         record = {'step': done, 'epoch': done / steps_per_epoch, **val}
         history.append(record)
         writer.write(done, {f'val/{k}': v for k, v in val.items()})
         best = progress_record['best']
         if best is None or val['pgd_acc'] > best['pgd_acc']:
           progress_record['best'] = record
-          checkpointing.save_best_model(workdir, state.variables, spec,
-                                        {'run': str(workdir), 'validation': record,
-                                         'method': config.method})
+          checkpointing.save_best_model(
+              workdir, state.variables, spec,
+              {'run': str(workdir), 'validation': record, 'method': config.method})
         bar.write(f'epoch {done / steps_per_epoch:g}: validation clean {val["clean_acc"]:.4f} '
                   f'PGD-{config.eval_attack_steps} {val["pgd_acc"]:.4f}')
       if checkpoint:
@@ -195,18 +197,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   final_path = workdir / 'final_model'
   if not (final_path / model_io.MODEL_JSON).is_file() or model_io.read_model_json(
       final_path)['metadata'].get('step') != total_steps:
-    checkpointing.save_best_model(workdir, state.variables, spec,
-                                  {'run': str(workdir), 'method': config.method,
-                                   'step': total_steps}, name='final_model')
-  protocol = {'train_examples': len(datasets.train), 'steps_per_epoch': steps_per_epoch,
-              'last_batch': config.last_batch, 'val_fraction': datasets.val_fraction,
-              'val_examples': 0 if datasets.val is None else len(datasets.val)}
-  return final_report(config, workdir, model, state, datasets, evaluator, eval_key,
-                      progress_record, mesh, protocol)
+    checkpointing.save_best_model(
+        workdir, state.variables, spec,
+        {'run': str(workdir), 'method': config.method, 'step': total_steps}, name='final_model')
+  protocol = {
+      'train_examples': len(datasets.train), 'steps_per_epoch': steps_per_epoch,
+      'last_batch': config.last_batch, 'val_fraction': datasets.val_fraction,
+      'val_examples': 0 if datasets.val is None else len(datasets.val)
+  }
+  return final_report(config, workdir, model, state, datasets, evaluator, eval_key, progress_record,
+                      mesh, protocol)
 
 
-def final_report(config, workdir: Path, model, state, datasets, evaluator, key,
-                 progress_record, mesh, protocol: dict) -> dict:
+def final_report(config, workdir: Path, model, state, datasets, evaluator, key, progress_record,
+                 mesh, protocol: dict) -> dict:
   """Test-set accuracy of the last model (and of the best by validation, when a validation
   split was held out); table and plots."""
   n_proc, proc = jax.process_count(), jax.process_index()
@@ -216,16 +220,18 @@ def final_report(config, workdir: Path, model, state, datasets, evaluator, key,
     candidates = {'best': parallel.replicate(best_vars, mesh), **candidates}
   rows = {}
   for name, variables in candidates.items():
-    test = evaluator(variables, datasets.eval_batches('test', config.eval_batch_size, proc,
-                                                      n_proc, **setup.pipeline_options(config)),
-                     key, desc=f'test ({name})')
+    test = evaluator(
+        variables,
+        datasets.eval_batches('test', config.eval_batch_size, proc, n_proc,
+                              **setup.pipeline_options(config)), key, desc=f'test ({name})')
     if config.autoattack != 'none':
       test.update(evaluate.autoattack_accuracy(model, variables, datasets, config, mesh))
     rows[name] = test
-  results = {'method': config.method, 'dataset': config.dataset, 'workdir': str(workdir),
-             'steps': int(jax.device_get(state.step)), 'source': progress_record.get('source'),
-             'best_validation': progress_record.get('best'), 'test': rows,
-             'protocol': protocol}
+  results = {
+      'method': config.method, 'dataset': config.dataset, 'workdir': str(workdir),
+      'steps': int(jax.device_get(state.step)), 'source': progress_record.get('source'),
+      'best_validation': progress_record.get('best'), 'test': rows, 'protocol': protocol
+  }
   if proc == 0:
     (workdir / 'results.json').write_text(json.dumps(results, indent=2))
     table = reporting.results_table(results, config)

@@ -20,7 +20,6 @@ from twins_jax.data.sources import (DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, IMA
                                     digits_splits, folder_classes, load_digits_arrays,
                                     upsample_nearest)
 from twins_jax.data.transforms import (AUGMENTATIONS, CIFAR_PAD, RRC_RATIO, RRC_SCALE,
-                                       EvalTransform, TrainTransform, center_crop,
-                                       cifar_crop_flip, default_resize_size, example_rng,
-                                       random_resized_crop_params, resize_shorter_side,
-                                       shorter_side_size, transform)
+                                       EvalTransform, TrainTransform, center_crop, cifar_crop_flip,
+                                       default_resize_size, example_rng, random_resized_crop_params,
+                                       resize_shorter_side, shorter_side_size, transform)

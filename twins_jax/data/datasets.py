@@ -48,8 +48,8 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray,
 
 
 def check_val_fraction(val_fraction: float) -> None:
-  if (isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real)
-      or not 0.0 <= float(val_fraction) < 0.5):
+  if (isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or
+      not 0.0 <= float(val_fraction) < 0.5):
     raise ValueError(f'val_fraction must be in [0, 0.5), got {val_fraction!r} (it is the '
                      'fraction of the training set held out to choose the best checkpoint)')
 
@@ -81,8 +81,8 @@ class Datasets:
   def train_plan(self, global_batch_size: int, *, last_batch: str = 'partial',
                  process_index: int = 0, process_count: int = 1,
                  shard_multiple: Optional[int] = None) -> pipeline.TrainPlan:
-    return pipeline.TrainPlan(len(self.train), int(global_batch_size), last_batch,
-                              process_index, process_count, shard_multiple)
+    return pipeline.TrainPlan(len(self.train), int(global_batch_size), last_batch, process_index,
+                              process_count, shard_multiple)
 
   def train_batches(self, plan: pipeline.TrainPlan, *, seed: Optional[int] = None,
                     start_step: int = 0, num_steps: Optional[int] = None,
@@ -103,15 +103,14 @@ class Datasets:
     source = self._split(split) if source is None else source
     ds = pipeline.eval_pipeline(source, global_batch_size, augment=self.augment,
                                 image_size=self.image_size, resize_size=self.resize_size,
-                                process_index=process_index, process_count=process_count,
-                                **options)
+                                process_index=process_index, process_count=process_count, **options)
     return pipeline.Batches(ds, pipeline.num_eval_batches(len(source), global_batch_size))
 
   def describe(self) -> str:
     n_val = 0 if self.val is None else len(self.val)
     val = (f'val {n_val} (held out of the training split, val_fraction={self.val_fraction}, '
-           f'seed={self.seed}; chooses best_model)' if n_val else
-           'no validation split (the reference protocol: every training image)')
+           f'seed={self.seed}; chooses best_model)'
+           if n_val else 'no validation split (the reference protocol: every training image)')
     lines = [
         f'dataset {self.name}: {self.num_classes} classes; {self.origin}',
         f'  train {len(self.train)} | {val} | test {len(self.test)} (reporting only)',
@@ -149,9 +148,9 @@ def build_datasets(config: Any) -> Datasets:
 
   low_res = name in LOW_RES_DATASETS or name == 'digits'
   image_size = int(_cfg(config, 'image_size', 32 if low_res else 224))
-  augment = _cfg(config, 'augment',
-                 'cifar' if name in LOW_RES_DATASETS else 'none' if name == 'digits'
-                 else 'imagenet')
+  augment = _cfg(
+      config, 'augment',
+      'cifar' if name in LOW_RES_DATASETS else 'none' if name == 'digits' else 'imagenet')
   if augment not in AUGMENTATIONS:
     raise ValueError(f'unknown augment {augment!r}; valid: {", ".join(AUGMENTATIONS)}')
   resize_size = int(_cfg(config, 'resize_size', default_resize_size(image_size)))

@@ -195,14 +195,16 @@ class _HostBatches(grain.MapDataset):
 
 
 def _stack(records) -> dict:
-  return {'image': np.stack([x for x, _ in records]).astype(np.float32, copy=False),
-          'label': np.asarray([y for _, y in records], np.int32)}
+  return {
+      'image': np.stack([x for x, _ in records]).astype(np.float32, copy=False),
+      'label': np.asarray([y for _, y in records], np.int32)
+  }
 
 
 def _iterate(ds: grain.MapDataset, worker_count: int, threads: int, prefetch: int):
   threads = max(1, int(threads))
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                               prefetch_buffer_size=max(threads, int(prefetch))))
+  it_ds = ds.to_iter_dataset(
+      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, int(prefetch))))
   if worker_count:
     from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():  # grain reads absl flags; a library caller may not parse any
@@ -231,8 +233,7 @@ def train_pipeline(source, plan: TrainPlan, *, seed: int, augment: str, image_si
   stop = start_step + num_steps
   epochs = -(-stop // plan.steps_per_epoch)
   records = _EpochShuffle(grain.MapDataset.source(source), seed, epochs).map_with_index(
-      _SeededTransform(TrainTransform(augment, image_size, resize_size), seed,
-                       plan.num_examples))
+      _SeededTransform(TrainTransform(augment, image_size, resize_size), seed, plan.num_examples))
   batches = _HostBatches(records, plan, stop)[start_step:stop]
   return _iterate(batches, worker_count, threads, prefetch)
 
@@ -267,9 +268,8 @@ def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
 
 
 def eval_pipeline(source, global_batch_size: int, *, image_size: int, augment: str = 'none',
-                  resize_size: Optional[int] = None, process_index: int = 0,
-                  process_count: int = 1, worker_count: int = 0, threads: int = 1,
-                  prefetch: int = 2) -> grain.IterDataset:
+                  resize_size: Optional[int] = None, process_index: int = 0, process_count: int = 1,
+                  worker_count: int = 0, threads: int = 1, prefetch: int = 2) -> grain.IterDataset:
   """Every example of ``source`` once, in order, in batches of ``global_batch_size`` (this
   host's rows); elements ``{'image', 'label', 'mask'}``, the last batch padded (mask 0).
   There are :func:`num_eval_batches` of them."""

@@ -136,6 +136,7 @@ class ConcatSource:
 # --------------------------------------------------------------------------------------------
 # TFDS.
 
+
 def prepare_command(name: str, data_dir: Optional[str]) -> str:
   dir_arg = repr(str(data_dir)) if data_dir else 'None'
   return ('pip install tensorflow-cpu  # needed to prepare, not to train\n'
@@ -144,8 +145,7 @@ def prepare_command(name: str, data_dir: Optional[str]) -> str:
           '.download_and_prepare()"')
 
 
-def _not_prepared_message(name: str, split: str, data_dir: Optional[str],
-                          error: Exception) -> str:
+def _not_prepared_message(name: str, split: str, data_dir: Optional[str], error: Exception) -> str:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   where = data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets (the default)'
   lines = [f"The TFDS dataset '{name}' (split '{split}') cannot be read from data_dir={where}."]
@@ -206,8 +206,8 @@ class TfdsSource:
                                   download=False)
       self._length = len(self._ds)
     except Exception as e:  # pylint: disable=broad-except
-      raise DatasetNotPreparedError(
-          _not_prepared_message(self.name, self.split, self.data_dir, e)) from e
+      raise DatasetNotPreparedError(_not_prepared_message(self.name, self.split, self.data_dir,
+                                                          e)) from e
 
   def __getstate__(self):
     return {k: v for k, v in self.__dict__.items() if k != '_ds'}
@@ -229,6 +229,7 @@ class TfdsSource:
 
 # --------------------------------------------------------------------------------------------
 # Image folders.
+
 
 def _is_image_file(name: str) -> bool:
   return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
@@ -298,6 +299,7 @@ class FolderSource:
 # --------------------------------------------------------------------------------------------
 # scikit-learn digits.
 
+
 def check_digit_classes(classes: Optional[Sequence[int]]) -> Optional[list[int]]:
   if classes is None:
     return None
@@ -316,8 +318,7 @@ def _relabel(labels: np.ndarray, classes: list[int]) -> np.ndarray:
   return table[labels]
 
 
-def load_digits_arrays(classes: Optional[Sequence[int]] = None
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def load_digits_arrays(classes: Optional[Sequence[int]] = None) -> tuple[np.ndarray, np.ndarray]:
   """All 1797 scikit-learn digits as ``uint8`` Nx8x8x3 images and their labels.
 
   The 17 grey levels 0..16 map to ``round(v * 255 / 16)``. ``classes`` keeps those digits and
@@ -341,8 +342,7 @@ def digits_source(size: Optional[int] = None,
   classes = check_digit_classes(classes)
   images, labels = load_digits_arrays(classes)
   names = [str(c) for c in (classes if classes is not None else range(10))]
-  return ArraySource(images, labels, num_classes=len(names), class_names=names,
-                     nearest_size=size)
+  return ArraySource(images, labels, num_classes=len(names), class_names=names, nearest_size=size)
 
 
 def digits_splits(size: Optional[int] = None, classes: Optional[Sequence[int]] = None,

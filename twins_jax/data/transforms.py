@@ -122,7 +122,8 @@ def random_resized_crop_params(height: int, width: int, rng: np.random.Generator
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def cifar_crop_flip(image: np.ndarray, rng: np.random.Generator, pad: int = CIFAR_PAD) -> np.ndarray:
+def cifar_crop_flip(image: np.ndarray, rng: np.random.Generator,
+                    pad: int = CIFAR_PAD) -> np.ndarray:
   """``RandomCrop(size, padding=pad)`` with zero padding, then a horizontal flip w.p. 1/2."""
   h, w = image.shape[:2]
   top = int(rng.integers(0, 2 * pad + 1))
