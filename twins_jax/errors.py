@@ -1,0 +1,91 @@
+"""Expected failures: what a user did wrong or must fix, as opposed to bugs.
+
+Every error a user can cause (a bad config value, a checkpoint that is not one, a dataset
+that is not prepared, a workdir that cannot be written) is a :class:`UserError`. The
+command-line entry points print it as one line, ``error: <what is wrong and how to fix
+it>``, after any ``details`` (a command to run, a list of differences), and exit with
+status 2; every other exception is a bug and keeps its traceback. ``--verbose`` (or
+``TWINS_VERBOSE=1``) shows the traceback of a UserError too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Callable, Optional
+
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: the run was stopped, re-run the command to resume
+
+
+class UserError(Exception):
+  """An expected failure. ``str(e)`` is one line naming the problem and the fix;
+  ``details`` (optional, several lines) is printed before it."""
+
+  def __init__(self, message: str, details: Optional[str] = None):
+    super().__init__(message)
+    self.details = details
+
+
+class ConfigError(UserError, ValueError):
+  """A config value that cannot work (unknown, ill-typed, out of range, contradictory)."""
+
+
+class DataError(UserError, ValueError):
+  """A dataset that is missing, empty, not prepared, or holds an unreadable image."""
+
+
+class CheckpointError(UserError, ValueError):
+  """Pre-trained weights or a model directory that cannot be used."""
+
+
+class WorkdirError(UserError, OSError):
+  """A workdir that cannot be used: a file, not writable, full, or made by another run."""
+
+
+class Preempted(UserError):
+  """The run was asked to stop (SIGTERM); its state is saved and re-running resumes it."""
+
+
+def verbose(argv=None) -> bool:
+  argv = sys.argv if argv is None else argv
+  return '--verbose' in argv or os.environ.get('TWINS_VERBOSE', '') not in ('', '0')
+
+
+def one_line(error: BaseException) -> str:
+  """The message of ``error`` on one line."""
+  text = ' '.join(str(error).split())
+  return text or type(error).__name__
+
+
+def report(error: BaseException, show_traceback: bool = False, stream=None) -> int:
+  """Prints an expected failure (details, then ``error: ...``); returns the exit status."""
+  stream = stream or sys.stderr
+  if show_traceback:
+    traceback.print_exception(error, file=stream)
+  details = getattr(error, 'details', None)
+  if details:
+    print(details.rstrip(), file=stream)
+  print(f'error: {one_line(error)}', file=stream)
+  return EXIT_PREEMPTED if isinstance(error, Preempted) else EXIT_USER_ERROR
+
+
+def disk_full_error(error: OSError, what: str) -> Optional[WorkdirError]:
+  """A :class:`WorkdirError` for an out-of-space or read-only-filesystem ``OSError``."""
+  import errno  # pylint: disable=g-import-not-at-top
+  if error.errno == errno.ENOSPC:
+    return WorkdirError(f'the disk is full while {what}; free some space and re-run the same '
+                        'command to resume from the last complete checkpoint.')
+  if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+    return WorkdirError(f'cannot write while {what}: {error.strerror} ({error.filename}); '
+                        'choose a writable --workdir.')
+  return None
+
+
+def run_cli(main: Callable[[], int], argv=None) -> int:
+  """Runs a command-line ``main`` and turns a :class:`UserError` into one ``error:`` line."""
+  try:
+    return main()
+  except UserError as e:
+    return report(e, show_traceback=verbose(argv))
