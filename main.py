@@ -5,6 +5,11 @@
 Re-running the same command resumes from the workdir's latest checkpoint. On several
 hosts, start the same command on each with --coordinator_address, --num_processes and
 --process_id (or --distributed where JAX detects the cluster itself, e.g. TPU pods).
+
+An expected failure (a bad config value, missing data, weights that are not a checkpoint,
+a workdir made by another run...) ends with one line, ``error: <what and how to fix it>``,
+and exit status 2; ``--verbose`` adds the traceback. A run stopped by SIGTERM saves a
+checkpoint, says so and exits with status 143; the same command resumes it.
 """
 
 import logging
@@ -22,6 +27,8 @@ flags.DEFINE_bool(
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
 flags.DEFINE_integer('process_id', None, 'This process (multi-host).')
+flags.DEFINE_bool('verbose', False, 'Print the traceback of expected failures too '
+                  '(also TWINS_VERBOSE=1).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -52,22 +59,30 @@ def main(argv):
       logger.info('Multi-process CPU run: persistent compilation cache disabled.')
     if jax.process_index() != 0:  # process 0 logs and writes the results
       logger.setLevel(logging.WARNING)
+  from twins_jax import errors
   config = FLAGS.config
-  if config.get('mode') == 'demo':
-    from twins_jax import demo
-    demo.run_demo(config, FLAGS.workdir)
-  else:
-    from twins_jax import train
-    train.train_and_evaluate(config, FLAGS.workdir)
+  try:
+    if config.get('mode') == 'demo':
+      from twins_jax import demo
+      demo.run_demo(config, FLAGS.workdir)
+    else:
+      from twins_jax import train
+      train.train_and_evaluate(config, FLAGS.workdir)
+  except errors.UserError as e:
+    sys.exit(errors.report(e, show_traceback=FLAGS.verbose or errors.verbose()))
 
 
 def parse_flags(argv):
-  """absl's flag parsing, with one clear line for a bad ``--config.*`` override."""
+  """absl's flag parsing, with one clear line for a bad flag or ``--config.*`` override."""
   try:
     return FLAGS(argv)
   except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
-    sys.exit(f'main.py: bad flag: {e}. Unknown --config keys and wrongly typed values are '
-             'rejected; configs/default.py lists every key.')
+    from twins_jax import errors
+    sys.exit(
+        errors.report(
+            errors.ConfigError(
+                f'bad flag: {e}. Unknown --config keys and wrongly typed values are rejected; '
+                'configs/default.py lists every key.'), show_traceback=errors.verbose(argv)))
 
 
 if __name__ == '__main__':

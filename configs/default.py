@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   # threads per process. Every batch is the same whatever these are.
   c.data_workers = -1
   c.data_threads = 2
+  c.skip_bad_images = False  # True: leave out images that cannot be decoded (and log them)
 
   # Optimisation (section 2 and 3): SGD, momentum 0.9, coupled weight decay.
   c.batch_size = 128

@@ -234,3 +234,68 @@ def test_two_hosts_match_one_host(tmp_path, request):
     for k in ('clean_acc', 'pgd_acc'):  # at most one example flips on rounding
       assert abs(res_s[name][k] - res_m[name][k]) <= 1 / n + 1e-9, (name, k)
   assert [h['step'] for h in progress_m['history']] == [h['step'] for h in progress_s['history']]
+
+
+def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path, request):
+  """Preemption on one host: JAX's preemption service tells the other, both save the
+  checkpoint of the same step and exit (status 143); re-running both resumes and ends."""
+  cache = getattr(request.config, 'cache', None)
+  cache = Path(cache.mkdir('twins_jax_xla_cache')) if cache else tmp_path / 'jax_cache'
+  main = [sys.executable, str(ROOT / 'main.py')]
+  workdir = tmp_path / 'multi'
+  flags = [f for f in FLAGS if not f.startswith('--config.num_epochs')
+          ] + ['--config.num_epochs=6', '--config.checkpoint_every_steps=2'] + _cache_flags(cache)
+
+  def launch():
+    port = _free_port()
+    runs = []
+    for i in range(2):
+      log = tmp_path / f'process_{i}.{len(list(tmp_path.glob("process_*")))}.log'
+      argv = main + flags + [
+          f'--workdir={workdir}', f'--coordinator_address=localhost:{port}', '--num_processes=2',
+          f'--process_id={i}'
+      ]
+      f = open(log, 'w')
+      runs.append((subprocess.Popen(argv, env=_env(4, cache), cwd=ROOT, stdout=f,
+                                    stderr=subprocess.STDOUT, start_new_session=True), f, log))
+    return runs
+
+  runs = launch()
+  try:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    ckpt_dir = workdir / 'checkpoints'
+    while not (ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
+      assert all(p.poll() is None for p, _, _ in runs), _tail(runs[0][2]) + _tail(runs[1][2])
+      assert time.monotonic() < deadline, 'no checkpoint in time'
+      time.sleep(0.2)
+    os.kill(runs[1][0].pid, signal.SIGTERM)  # the preemption notice reaches host 1 only
+    for p, _, _ in runs:
+      p.wait(timeout=600)
+  finally:
+    for p, f, _ in runs:
+      _kill(p)
+      f.close()
+  lines = [
+      [l for l in log.read_text().splitlines() if l.startswith('error: ')] for _, _, log in runs
+  ]
+  codes = [p.returncode for p, _, _ in runs]
+  assert codes == [143, 143], (codes, _tail(runs[0][2]), _tail(runs[1][2]))
+  steps = [int(l[-1].split('after step ')[1].split()[0]) for l in lines]
+  assert steps[0] == steps[1], steps
+  ckpts = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert steps[0] in ckpts and steps[0] < 6 * STEPS, (steps, ckpts)
+  print(f'\nSIGTERM to host 1: both stopped after step {steps[0]} (checkpoints {ckpts})')
+
+  runs = launch()
+  try:
+    for p, _, _ in runs:
+      p.wait(timeout=RUN_TIMEOUT_S)
+  finally:
+    for p, f, _ in runs:
+      _kill(p)
+      f.close()
+  assert [p.returncode for p, _, _ in runs] == [0, 0], _tail(runs[0][2]) + _tail(runs[1][2])
+  assert f'Resuming from {workdir / "checkpoints"} at step {steps[0]}' in runs[0][2].read_text()
+  spec = model_io.read_model_json(workdir / 'best_model')['spec']
+  step, state, _ = _restore_last(workdir, spec)
+  assert step == int(state.step) == 6 * STEPS

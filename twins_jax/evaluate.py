@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from twins_jax import autoattack as aa
-from twins_jax import data, model_io, models, parallel, reporting, setup
+from twins_jax import data, errors, model_io, models, parallel, reporting, setup
 from twins_jax import step as step_lib
 
 log = logging.getLogger('twins_jax')
@@ -146,8 +146,8 @@ def sanity_flags(result: dict, eps_curve: dict) -> dict:
 def evaluate_config(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   """``config.mode == 'eval'``: evaluates ``config.pretrained`` on the full test set."""
   if not config.pretrained:
-    raise ValueError("config.mode='eval' needs config.pretrained: a model directory, a "
-                     'training workdir or a PyTorch checkpoint.')
+    raise errors.ConfigError("config.mode='eval' needs config.pretrained: a model directory, a "
+                             'training workdir or a PyTorch checkpoint.')
   src = Path(config.pretrained).expanduser()
   if src.is_dir():
     src = model_io.resolve_model_dir(src)
@@ -157,8 +157,9 @@ def evaluate_config(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   if src.is_dir():
     spec = model_io.read_model_json(src)['spec']
     if spec.num_classes != datasets.num_classes:
-      raise ValueError(f'{src} has a {spec.num_classes}-class head but '
-                       f'{datasets.name} has {datasets.num_classes} classes.')
+      raise errors.CheckpointError(
+          f'{src} has a {spec.num_classes}-class head but {datasets.name} has '
+          f'{datasets.num_classes} classes; evaluate it on the dataset it was trained for')
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.pretrained = str(src)
   variables, source = setup.initial_variables(cfg, spec)

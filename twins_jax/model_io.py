@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from twins_jax import models
+from twins_jax import errors, models
 
 FORMAT = 'twins_jax.model_dir'
 VERSION = 2
@@ -40,7 +40,7 @@ MODEL_JSON = 'model.json'
 VARIABLES_DIR = 'variables'
 
 
-class ModelDirError(ValueError):
+class ModelDirError(errors.CheckpointError):
   """A model directory is missing, incomplete or does not match its model."""
 
 
@@ -226,11 +226,20 @@ def load_model_dir(path, *, dtype: Any = jnp.float32) -> Tuple[models.ResNet, di
       raise ModelDirError(f'{vdir} is not a readable Orbax checkpoint: {e}') from e
     diffs = tree_differences(saved, target)
     if diffs:
-      raise ModelDirError(f'{vdir} does not match {doc["spec"]}:\n  ' + '\n  '.join(diffs))
+      raise ModelDirError(
+          f'{vdir} does not hold the variables of its model.json ({doc["spec"]}): {len(diffs)} '
+          f'difference(s), first: {diffs[0]}; the directory is incomplete or corrupt, or '
+          'model.json does not belong to it: write it again',
+          details='\n'.join(['  ' + d for d in diffs]))
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                           target)
-    variables = checkpointer.restore(vdir, target)
+    try:
+      variables = checkpointer.restore(vdir, target)
+    except Exception as e:  # pylint: disable=broad-except  (TensorStore/Orbax raise many types)
+      raise ModelDirError(f'the variables in {vdir} cannot be read: the directory is incomplete '
+                          'or corrupt (an interrupted copy or save?); write it again '
+                          f'(first error: {errors.one_line(e)[:200]})') from e
   finally:
     checkpointer.close()
   return model, variables, doc

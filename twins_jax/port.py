@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twins_jax import model_io
+from twins_jax import errors, model_io
 from twins_jax import models
 
 # ------------------------------------------------------------------ the name table
@@ -155,7 +155,7 @@ _ROBUSTNESS_AUX = ('attacker.', 'normalizer.')
 _INFO_KEYS = ('epoch', 'nat_prec1', 'adv_prec1', 'best_prec1', 'arch')
 
 
-class PortError(ValueError):
+class PortError(errors.CheckpointError):
   """The checkpoint cannot be ported as asked; ``.report`` says why, by name."""
 
   def __init__(self, message: str, report: Optional['PortReport'] = None):

@@ -5,6 +5,7 @@ both start here, so neither imports the other.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -12,7 +13,8 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from twins_jax import data, model_io, models, objectives, port, speed
+from twins_jax import attacks, data, model_io, models, objectives, port, speed
+from twins_jax.errors import CheckpointError, ConfigError, WorkdirError
 from twins_jax import step as step_lib
 
 log = logging.getLogger('twins_jax')
@@ -22,40 +24,64 @@ DTYPES = ('float32', 'bfloat16')
 AUTOATTACK_VERSIONS = ('none', 'fast', 'standard')
 
 
+def _choice(config, name: str, choices) -> None:
+  if config[name] not in choices:
+    raise ConfigError(f'config.{name}={config[name]!r}; choose one of {tuple(choices)}.')
+
+
+def _at_least(config, name: str, low, what: str = '') -> None:
+  if config[name] < low:
+    raise ConfigError(f'config.{name} must be {what or f"at least {low}"}, got {config[name]}.')
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Clear errors for settings that cannot work, before anything expensive starts."""
-  if config.method not in objectives.METHODS:
-    raise ValueError(f'config.method={config.method!r}; choose one of {objectives.METHODS}.')
-  if config.mode not in MODES:
-    raise ValueError(f"config.mode={config.mode!r}; choose 'train' or 'eval'.")
+  """Clear errors (:class:`~twins_jax.errors.ConfigError`) for settings that cannot work,
+  before anything expensive starts."""
+  _choice(config, 'method', objectives.METHODS)
+  _choice(config, 'mode', MODES)
+  _choice(config, 'arch', sorted(models.ARCHS))
+  _choice(config, 'dataset', data.DATASETS)
+  _choice(config, 'norm', attacks.NORMS)
+  _choice(config, 'attack_loss', attacks.LOSSES)
+  _choice(config, 'last_batch', data.LAST_BATCH)
+  _choice(config, 'conv_impl', speed.CONV_IMPLS)
+  _choice(config, 'dtype', DTYPES)
+  _choice(config, 'autoattack', AUTOATTACK_VERSIONS)
   if config.batch_size < 2:
-    raise ValueError(f'config.batch_size={config.batch_size}: TWINS splits each batch in two '
-                     'halves, so it needs at least 2 examples.')
+    raise ConfigError(f'config.batch_size={config.batch_size}: TWINS splits each batch in two '
+                      'halves, so it needs at least 2 examples.')
   if config.num_epochs <= 0 and config.mode == 'train':
-    raise ValueError(f'config.num_epochs must be positive, got {config.num_epochs}.')
-  for name in ('lr', 'eps', 'alpha'):
-    if config[name] < 0:
-      raise ValueError(f'config.{name} must be non-negative, got {config[name]}.')
-  if config.last_batch not in data.LAST_BATCH:
-    raise ValueError(f'config.last_batch={config.last_batch!r}; choose one of {data.LAST_BATCH}.')
-  if config.conv_impl not in speed.CONV_IMPLS:
-    raise ValueError(f'config.conv_impl={config.conv_impl!r}; choose one of '
-                     f'{speed.CONV_IMPLS}.')
-  if config.dtype not in DTYPES:
-    raise ValueError(f"config.dtype={config.dtype!r}; choose 'float32' or 'bfloat16'.")
-  if config.autoattack not in AUTOATTACK_VERSIONS:
-    raise ValueError(f"config.autoattack={config.autoattack!r}; choose 'none', 'fast' or "
-                     "'standard'.")
-  if config.data_workers < -1 or config.data_threads < 1:
-    raise ValueError(f'config.data_workers must be -1 (auto), 0 or more and config.data_threads '
-                     f'1 or more, got {config.data_workers} and {config.data_threads}.')
+    raise ConfigError(f'config.num_epochs must be positive, got {config.num_epochs}.')
+  for name in ('lr', 'eps', 'alpha', 'weight_decay', 'lambda_twins', 'beta', 'attack_steps',
+               'eval_attack_steps', 'seed', 'image_size', 'resize', 'autoattack_max_examples',
+               'sanity_examples', 'checkpoint_every_steps'):
+    _at_least(config, name, 0, 'non-negative')
+  for name in ('eval_batch_size', 'log_every_steps', 'keep_checkpoints', 'eval_every_epochs',
+               'data_threads'):
+    _at_least(config, name, 1)
+  _at_least(config, 'data_workers', -1, '-1 (auto), 0 or more')
+  if not 0 <= config.momentum < 1 or not 0 < config.lr_gamma <= 1:
+    raise ConfigError(f'config.momentum must be in [0, 1) and config.lr_gamma in (0, 1], got '
+                      f'{config.momentum} and {config.lr_gamma}.')
+  if config.eps > 1 and config.norm == 'Linf':
+    raise ConfigError(f'config.eps={config.eps} is larger than the [0, 1] pixel range; eps is '
+                      'in pixel units, e.g. 0.0314 for 8/255.')
+  if config.attack_loss == 'kl' and config.method not in ('trades', 'twins_trades'):
+    raise ConfigError(f"config.attack_loss='kl' (TRADES' KL-PGD) needs a TRADES method, not "
+                      f"config.method={config.method!r}; use attack_loss='ce'.")
+  if config.share_affine and config.method not in objectives.TWIN_METHODS:
+    raise ConfigError(f'config.share_affine=True applies to the TWINS methods only, not '
+                      f'{config.method!r}; drop it.')
+  if config.mode == 'eval' and not config.pretrained:
+    raise ConfigError("config.mode='eval' needs config.pretrained: a model directory, a "
+                      'training workdir or a PyTorch checkpoint.')
   # Tuple fields take anything on the command line (--config.lr_milestones=abc -> ('abc',)).
   for name, types, example in (('lr_milestones', (int, float), '"(30,50)"'), ('digits_classes',
                                                                               (int,), '"(5,6,7)"')):
     if any(isinstance(v, bool) or not isinstance(v, types) for v in config.get(name, ())):
-      raise ValueError(f'config.{name}={tuple(config[name])!r} must be a tuple of '
-                       f'{" or ".join(t.__name__ for t in types)}s, e.g. '
-                       f'--config.{name}={example}.')
+      raise ConfigError(f'config.{name}={tuple(config[name])!r} must be a tuple of '
+                        f'{" or ".join(t.__name__ for t in types)}s, e.g. '
+                        f'--config.{name}={example}.')
 
 
 def step_config(config) -> step_lib.StepConfig:
@@ -90,7 +116,7 @@ def build_model(config, spec: models.ModelSpec) -> models.ResNet:
 def data_config(config) -> dict:
   """The data fields of ``config``, with the 'pick the default' values ('', 0, ()) as None."""
   fields = ('dataset', 'data_dir', 'folder_train', 'folder_test', 'digits_classes', 'val_fraction',
-            'augment', 'image_size', 'seed')
+            'augment', 'image_size', 'seed', 'skip_bad_images')
   out = {k: config[k] for k in fields}
   for k in ('data_dir', 'folder_train', 'folder_test', 'augment', 'image_size', 'digits_classes'):
     if not out[k]:
@@ -133,8 +159,8 @@ def initial_variables(config, spec: models.ModelSpec) -> tuple[dict, str]:
     _, variables, meta = model_io.load_model_dir(path)
     source = meta['spec']
     if source.arch != spec.arch:
-      raise ValueError(f'config.pretrained {path} holds a {source.arch}, but config.arch is '
-                       f'{spec.arch}.')
+      raise CheckpointError(f'config.pretrained {path} holds a {source.arch}, but config.arch is '
+                            f'{spec.arch}; set --config.arch={source.arch}.')
     variables = models.convert_variables(variables, twin=spec.twin, share_affine=spec.share_affine)
     if source.num_classes != spec.num_classes:
       fresh = models.init_variables(model, config.seed)
@@ -146,7 +172,8 @@ def initial_variables(config, spec: models.ModelSpec) -> tuple[dict, str]:
     variables, report = port.port_checkpoint(str(path), spec, seed=config.seed)
     log.info('Ported %s:\n%s', path, report.summary(problems=False))
     return variables, f'PyTorch checkpoint {path} (ported)'
-  raise FileNotFoundError(f'config.pretrained={src!r} is neither a model directory nor a file.')
+  raise CheckpointError(f'config.pretrained={src!r} does not exist; give a model directory, a '
+                        'training workdir or a PyTorch checkpoint file.')
 
 
 def enable_compilation_cache(config, workdir: Path) -> None:
@@ -159,6 +186,70 @@ def enable_compilation_cache(config, workdir: Path) -> None:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
-def write_config(config, workdir: Path) -> None:
+# Settings a re-run of a workdir may change: how the run goes, not what it is (logging and
+# checkpoint frequency, the number of epochs to extend a run, evaluation-only settings,
+# speed levers that compute the same function). Any other difference is refused.
+RERUN_SAFE_KEYS = frozenset({
+    'num_epochs', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+    'async_checkpoints', 'compilation_cache_dir', 'data_workers', 'data_threads', 'profile_steps',
+    'conv_impl', 'eval_batch_size', 'eval_every_epochs', 'eval_attack_steps', 'eval_random_start',
+    'autoattack', 'autoattack_max_examples', 'sanity_examples'
+})
+# What a workdir holds once a run has done something in it.
+_RUN_STATE = ('checkpoints', 'final_model', 'best_model', 'results.json', 'eval_results.json',
+              'autoattack')
+CONFIG_JSON = 'config.json'
+
+
+def _config_dict(config) -> dict:
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def config_changes(saved: dict, config) -> tuple[dict, dict]:
+  """``(refused, accepted)``: the keys whose value differs from the workdir's saved config,
+  as ``{key: (saved, new)}``, split by :data:`RERUN_SAFE_KEYS`. Keys the saved config lacks
+  (a newer version added them) are not compared."""
+  new = _config_dict(config)
+  refused, accepted = {}, {}
+  for key in sorted(set(saved) & set(new)):
+    if saved[key] != new[key]:
+      (accepted if key in RERUN_SAFE_KEYS else refused)[key] = (saved[key], new[key])
+  return refused, accepted
+
+
+def prepare_workdir(config, workdir) -> Path:
+  """Creates ``workdir`` (or checks it), refuses a re-run that changes what the run is, and
+  writes ``config.json``. A refused command changes nothing in the workdir."""
+  workdir = Path(workdir).expanduser().absolute()
+  if workdir.exists() and not workdir.is_dir():
+    raise WorkdirError(f'--workdir {workdir} is a file, not a directory; choose another path.')
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / f'.write_test.{os.getpid()}'
+    probe.write_text('')
+    probe.unlink()
+  except OSError as e:
+    raise WorkdirError(f'cannot write in --workdir {workdir} ({e.strerror or e}); choose a '
+                       'writable directory.') from e
+  saved_path = workdir / CONFIG_JSON
+  started = any((workdir / name).exists() for name in _RUN_STATE)
+  if saved_path.is_file() and started:
+    try:
+      saved = json.loads(saved_path.read_text())
+    except ValueError as e:
+      raise WorkdirError(f'{saved_path} is not valid JSON ({e}); restore it, or use another '
+                         '--workdir.') from e
+    refused, accepted = config_changes(saved, config)
+    if refused:
+      listed = ', '.join(f'{k} ({old!r} -> {new!r})' for k, (old, new) in refused.items())
+      raise WorkdirError(
+          f'{workdir} holds a run made with other settings: {listed}; re-run with the '
+          'settings in its config.json, or use a new --workdir for the new run', details='\n'.join(
+              f'  {k}: {old!r} in {saved_path}, {new!r} now' for k, (old, new) in refused.items()))
+    for key, (old, new) in accepted.items():
+      log.info('Re-run of %s with %s changed: %r -> %r.', workdir, key, old, new)
   if jax.process_index() == 0:
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    tmp = workdir / (CONFIG_JSON + '.tmp')
+    tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(tmp, saved_path)
+  return workdir

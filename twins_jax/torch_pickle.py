@@ -56,6 +56,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import ml_dtypes
 import numpy as np
 
+from twins_jax import errors
+
 __all__ = [
     'ALLOWED_GLOBALS',
     'CheckpointFormatError',
@@ -68,11 +70,11 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(pickle.UnpicklingError, errors.CheckpointError):
   """The checkpoint asks for something outside the allowlist; nothing was executed."""
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(errors.CheckpointError):
   """The file is not a readable torch checkpoint (wrong kind, truncated, corrupt)."""
 
 

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from twins_jax import checkpointing, evaluate, model_io, parallel, reporting, setup
+from twins_jax import checkpointing, errors, evaluate, model_io, parallel, preemption, reporting
+from twins_jax import setup
 from twins_jax import step as step_lib
 
 log = logging.getLogger('twins_jax')
@@ -30,7 +31,7 @@ log = logging.getLogger('twins_jax')
 _NOT_AVERAGED = ('learning_rate',)
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(errors.UserError, FloatingPointError):
   """Training produced NaN/Inf; the last good checkpoint is kept."""
 
 
@@ -60,9 +61,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   ``workdir/results.md``).
   """
   setup.check_config(config)
-  workdir = Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
-  setup.write_config(config, workdir)
+  workdir = setup.prepare_workdir(config, workdir)
   setup.enable_compilation_cache(config, workdir)
   if config.mode == 'eval':
     return evaluate.evaluate_config(config, workdir)
@@ -102,8 +101,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated(mesh)),
       abstract_state)
   progress_record = {'history': [], 'best': None, 'source': None}
-  if ckpts.latest_step() is not None:
-    state, progress_record = ckpts.restore(abstract_state)
+  restored = ckpts.restore_latest(abstract_state)
+  if restored is not None:
+    state, progress_record = restored
     log.info('Resuming from %s at step %d.', ckpts.directory, int(state.step))
   else:
     variables, source = setup.initial_variables(config, spec)
@@ -132,20 +132,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   # The logging window's per-step metrics stay on the device (no host sync per step) and
   # are averaged there when they are logged.
   window, window_sizes, t_log = [], [], time.perf_counter()
+  # SIGTERM (preemption): save a checkpoint after the current step and stop; all hosts
+  # agree on the step (twins_jax/preemption.py).
+  watch = preemption.PreemptionWatch().__enter__()
   try:
     for step in range(start_step, total_steps):
       sharded = plan.sharded(step)
       batch = parallel.shard_batch(next(batches), mesh, replicate=not sharded)
       if not sharded and replicated_step is None:
         replicated_step = parallel.jit_train_step(step_fn, mesh, shard_batch=False)
-      state, metrics = (train_step if sharded else replicated_step)(state, batch,
-                                                                    jax.random.fold_in(
-                                                                        train_key, step))
+      step_key = jax.random.fold_in(train_key, step)
+      state, metrics = (train_step if sharded else replicated_step)(state, batch, step_key)
       window.append(metrics)
       window_sizes.append(plan.batch_size_at(step))
       done = step + 1
       bar.update(done)
-      if done % log_every == 0 or done == total_steps:
+      stop = watch.should_stop(done)  # every process asks at every step
+      if done % log_every == 0 or done == total_steps or stop:
         mean = jax.device_get(_window_mean(window, [float(n) for n in window_sizes]))
         mean = {k: float(v) for k, v in mean.items()}
         if not all(math.isfinite(v) for v in mean.values()):
@@ -185,9 +188,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
               {'run': str(workdir), 'validation': record, 'method': config.method})
         bar.write(f'epoch {done / steps_per_epoch:g}: validation clean {val["clean_acc"]:.4f} '
                   f'PGD-{config.eval_attack_steps} {val["pgd_acc"]:.4f}')
-      if checkpoint:
+      if checkpoint or stop:
+        if stop and not _all_finite(state):
+          raise NonFiniteError(f'The training state is not finite at step {done}; stopping '
+                               f'without saving it; {last_good()}.')
         ckpts.save(done, state, progress_record)
+      if stop:
+        ckpts.wait()
+        raise errors.Preempted(
+            f'stopped by SIGTERM after step {done} of {total_steps}; the checkpoint of that '
+            f'step is in {ckpts.directory}: re-run the same command to resume')
   finally:
+    watch.__exit__(None, None, None)
     bar.close()
     batches.close()
     ckpts.wait()

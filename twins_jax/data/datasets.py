@@ -19,6 +19,7 @@ import numpy as np
 
 from twins_jax.data import pipeline, sources
 from twins_jax.data.transforms import AUGMENTATIONS, default_resize_size
+from twins_jax.errors import ConfigError, DataError
 
 # TFDS name -> (training splits, test split). DTD's official split 1 has train, validation and
 # test of 1880 images each; train + validation is the training pool.
@@ -42,7 +43,8 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray,
   if val_fraction > 0:
     n_val = max(n_val, 1)
   if n_val >= n:
-    raise ValueError(f'val_fraction={val_fraction} leaves no training examples out of {n}')
+    raise DataError(f'val_fraction={val_fraction} leaves no training examples out of {n}; '
+                    'lower it')
   perm = np.random.default_rng([_TAG_VAL_SPLIT, pipeline._seed_int(seed)]).permutation(n)  # pylint: disable=protected-access
   return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
@@ -50,8 +52,8 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray,
 def check_val_fraction(val_fraction: float) -> None:
   if (isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or
       not 0.0 <= float(val_fraction) < 0.5):
-    raise ValueError(f'val_fraction must be in [0, 0.5), got {val_fraction!r} (it is the '
-                     'fraction of the training set held out to choose the best checkpoint)')
+    raise ConfigError(f'val_fraction must be in [0, 0.5), got {val_fraction!r} (it is the '
+                      'fraction of the training set held out to choose the best checkpoint)')
 
 
 @dataclasses.dataclass
@@ -75,7 +77,7 @@ class Datasets:
       raise ValueError(f"split must be 'val', 'test' or 'train', got {split!r}")
     source = getattr(self, split)
     if source is None:
-      raise ValueError(f'there is no {split} split (val_fraction={self.val_fraction})')
+      raise DataError(f'there is no {split} split (val_fraction={self.val_fraction})')
     return source
 
   def train_plan(self, global_batch_size: int, *, last_batch: str = 'partial',
@@ -136,11 +138,12 @@ def build_datasets(config: Any) -> Datasets:
   default), ``folder_train`` / ``folder_test`` (for ``'folder'``), ``val_fraction`` (0: none),
   ``seed`` (0), ``digits_classes`` (None: all ten), ``augment`` ('cifar' for CIFAR, 'imagenet'
   for the high-resolution and folder datasets, 'none' for digits), ``image_size`` (32 for CIFAR
-  and digits, 224 otherwise), ``resize_size`` (256 for 224, in proportion otherwise).
+  and digits, 224 otherwise), ``resize_size`` (256 for 224, in proportion otherwise),
+  ``skip_bad_images`` (False: an unreadable image is an error naming it).
   """
   name = _cfg(config, 'dataset')
   if name not in DATASETS:
-    raise ValueError(f'unknown dataset {name!r}; valid datasets: {", ".join(DATASETS)}')
+    raise ConfigError(f'unknown dataset {name!r}; valid datasets: {", ".join(DATASETS)}')
   val_fraction = _cfg(config, 'val_fraction', 0.0)
   check_val_fraction(val_fraction)
   val_fraction = float(val_fraction)
@@ -152,10 +155,10 @@ def build_datasets(config: Any) -> Datasets:
       config, 'augment',
       'cifar' if name in LOW_RES_DATASETS else 'none' if name == 'digits' else 'imagenet')
   if augment not in AUGMENTATIONS:
-    raise ValueError(f'unknown augment {augment!r}; valid: {", ".join(AUGMENTATIONS)}')
+    raise ConfigError(f'unknown augment {augment!r}; valid: {", ".join(AUGMENTATIONS)}')
   resize_size = int(_cfg(config, 'resize_size', default_resize_size(image_size)))
   if augment == 'imagenet' and resize_size < image_size:
-    raise ValueError(f'resize_size ({resize_size}) must be >= image_size ({image_size})')
+    raise ConfigError(f'resize_size ({resize_size}) must be >= image_size ({image_size})')
 
   if name in TFDS_DATASETS:
     data_dir = _cfg(config, 'data_dir')
@@ -171,12 +174,14 @@ def build_datasets(config: Any) -> Datasets:
     train_root, test_root = _cfg(config, 'folder_train'), _cfg(config, 'folder_test')
     for field, root in (('folder_train', train_root), ('folder_test', test_root)):
       if not root:
-        raise ValueError(f"dataset 'folder' needs config.{field} (a folder of class "
-                         'subfolders of images)')
+        raise ConfigError(f"dataset 'folder' needs config.{field} (a folder of class "
+                          'subfolders of images)')
       if not os.path.isdir(os.path.expanduser(str(root))):
-        raise FileNotFoundError(f'config.{field}={root!r} is not an existing directory')
-    pool = sources.FolderSource(os.path.expanduser(str(train_root)))
-    test = sources.FolderSource(os.path.expanduser(str(test_root)), classes=pool.class_names)
+        raise DataError(f'config.{field}={root!r} is not an existing directory')
+    skip = bool(_cfg(config, 'skip_bad_images', False))
+    pool = sources.FolderSource(os.path.expanduser(str(train_root)), skip_unreadable=skip)
+    test = sources.FolderSource(os.path.expanduser(str(test_root)), classes=pool.class_names,
+                                skip_unreadable=skip)
     num_classes, class_names = pool.num_classes, pool.class_names
     origin = f'image folders {train_root} / {test_root}'
   else:  # digits
@@ -189,7 +194,11 @@ def build_datasets(config: Any) -> Datasets:
               f'fixed test split ({sources.DIGITS_TEST_FRACTION:.0%})')
 
   if num_classes is None:
-    raise ValueError(f'cannot tell the number of classes of {name!r}')
+    raise DataError(f'cannot tell the number of classes of {name!r}')
+  for split, source in (('training', pool), ('test', test)):
+    if len(source) == 0:
+      raise DataError(f'the {split} split of {name!r} is empty ({origin}); point the config at '
+                      'a prepared dataset with examples in it')
   train_idx, val_idx = split_train_val(len(pool), val_fraction, seed)
   train = sources.SubsetSource(pool, train_idx)
   val = sources.SubsetSource(pool, val_idx) if len(val_idx) else None

@@ -14,10 +14,16 @@ grain's worker processes can read it:
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 import os
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from twins_jax.errors import DataError
+
+log = logging.getLogger('twins_jax')
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm',
                     '.pgm', '.pbm')
@@ -27,7 +33,7 @@ DIGITS_SPLIT_SEED = 20230
 DIGITS_TEST_FRACTION = 0.25
 
 
-class DatasetNotPreparedError(FileNotFoundError):
+class DatasetNotPreparedError(DataError, FileNotFoundError):
   """A TFDS dataset is not prepared (as ArrayRecord) in the data directory."""
 
 
@@ -145,9 +151,12 @@ def prepare_command(name: str, data_dir: Optional[str]) -> str:
           '.download_and_prepare()"')
 
 
-def _not_prepared_message(name: str, split: str, data_dir: Optional[str], error: Exception) -> str:
+def _not_prepared_error(name: str, split: str, data_dir: Optional[str],
+                        error: Exception) -> DatasetNotPreparedError:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   where = data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets (the default)'
+  summary = (f"the TFDS dataset '{name}' (split '{split}') cannot be read from data_dir={where}; "
+             'prepare it once as shown above and pass that data_dir as config.data_dir')
   lines = [f"The TFDS dataset '{name}' (split '{split}') cannot be read from data_dir={where}."]
   manual = None
   try:
@@ -171,7 +180,7 @@ def _not_prepared_message(name: str, split: str, data_dir: Optional[str], error:
   lines.append('Then pass that data_dir as config.data_dir. Nothing is ever downloaded at '
                'training time.')
   lines.append(f'(underlying error: {type(error).__name__}: {error})')
-  return '\n'.join(lines)
+  return DatasetNotPreparedError(summary, details='\n'.join(lines))
 
 
 class TfdsSource:
@@ -206,8 +215,7 @@ class TfdsSource:
                                   download=False)
       self._length = len(self._ds)
     except Exception as e:  # pylint: disable=broad-except
-      raise DatasetNotPreparedError(_not_prepared_message(self.name, self.split, self.data_dir,
-                                                          e)) from e
+      raise _not_prepared_error(self.name, self.split, self.data_dir, e) from e
 
   def __getstate__(self):
     return {k: v for k, v in self.__dict__.items() if k != '_ds'}
@@ -238,22 +246,50 @@ def _is_image_file(name: str) -> bool:
 def folder_classes(root: str) -> list[str]:
   """The class folders of ``root``, sorted by name."""
   if not os.path.isdir(root):
-    raise FileNotFoundError(f'image folder {root!r} does not exist or is not a directory')
+    raise DataError(f'image folder {root!r} does not exist or is not a directory')
   classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
   if not classes:
-    raise FileNotFoundError(f'image folder {root!r} has no class subfolders '
-                            '(expected root/<class_name>/<image files>)')
+    raise DataError(f'image folder {root!r} has no class subfolders (expected '
+                    'root/<class_name>/<image files>)')
   return classes
+
+
+def read_image(path: str) -> np.ndarray:
+  """An image file as ``uint8`` HxWx3 RGB; an unreadable one is a DataError naming it."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path) as img:
+      return np.asarray(img.convert('RGB'), np.uint8)
+  except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated/corrupt files
+    raise DataError(f'cannot read the image {path} ({type(e).__name__}: {e}); replace or remove '
+                    'it, or set --config.skip_bad_images=true to skip unreadable images') from e
+
+
+def _readable(files: Sequence[str]) -> list[bool]:
+  """Whether each image file decodes (in threads: PIL releases the GIL while decoding)."""
+
+  def ok(path):
+    try:
+      read_image(path)
+      return True
+    except DataError:
+      return False
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as pool:
+    return list(pool.map(ok, files))
 
 
 class FolderSource:
   """``root/<class_name>/*.{jpg,png,...}`` read with PIL and converted to RGB.
 
   Classes are the subfolders sorted by name (or ``classes``, e.g. the training folder's
-  classes for the test folder), files sorted by path.
+  classes for the test folder), files sorted by path. ``skip_unreadable``: decode every
+  image once now and leave out those that cannot be read (listed in ``skipped``); else an
+  unreadable image is a DataError naming it when it is read.
   """
 
-  def __init__(self, root: str, classes: Optional[Sequence[str]] = None):
+  def __init__(self, root: str, classes: Optional[Sequence[str]] = None,
+               skip_unreadable: bool = False):
     self.root = str(root)
     found = folder_classes(self.root)
     if classes is None:
@@ -262,8 +298,8 @@ class FolderSource:
       classes = list(classes)
       unknown = sorted(set(found) - set(classes))
       if unknown:
-        raise ValueError(f'{self.root!r} has classes that the training folder lacks: '
-                         f'{unknown[:10]}')
+        raise DataError(f'{self.root!r} has classes that the training folder lacks: '
+                        f'{unknown[:10]}; both folders need the same class subfolders')
     self.class_names = list(classes)
     self.num_classes = len(classes)
     files, labels = [], []
@@ -277,9 +313,17 @@ class FolderSource:
           if _is_image_file(f):
             files.append(os.path.join(dirpath, f))
             labels.append(label)
+    self.skipped: list[str] = []
+    if skip_unreadable and files:
+      readable = _readable(files)
+      self.skipped = [f for f, ok in zip(files, readable) if not ok]
+      files = [f for f, ok in zip(files, readable) if ok]
+      labels = [y for y, ok in zip(labels, readable) if ok]
+      if self.skipped:
+        log.warning('%s: skipped %d unreadable image(s): %s%s', self.root, len(self.skipped),
+                    ', '.join(self.skipped[:5]), ' ...' if len(self.skipped) > 5 else '')
     if not files:
-      raise FileNotFoundError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) under '
-                              f'{self.root!r}')
+      raise DataError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) under {self.root!r}')
     self.files = files
     self.labels = np.asarray(labels, np.int64)
 
@@ -287,10 +331,7 @@ class FolderSource:
     return len(self.files)
 
   def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    with Image.open(self.files[i]) as img:
-      image = np.asarray(img.convert('RGB'), np.uint8)
-    return image, int(self.labels[i])
+    return read_image(self.files[i]), int(self.labels[i])
 
   def __repr__(self) -> str:
     return f'FolderSource({self.root!r}, {len(self)} images, {self.num_classes} classes)'
@@ -306,9 +347,9 @@ def check_digit_classes(classes: Optional[Sequence[int]]) -> Optional[list[int]]
   try:
     classes = [int(c) for c in classes]
   except (TypeError, ValueError) as e:
-    raise ValueError(f'digits_classes must be a list of digits 0..9, got {classes!r}') from e
+    raise DataError(f'digits_classes must be a list of digits 0..9, got {classes!r}') from e
   if not classes or len(set(classes)) != len(classes) or not all(0 <= c <= 9 for c in classes):
-    raise ValueError(f'digits_classes must be distinct digits 0..9, got {classes}')
+    raise DataError(f'digits_classes must be distinct digits 0..9, got {classes}')
   return classes
 
 
