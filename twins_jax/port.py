@@ -12,6 +12,10 @@ Reads, without torch and without executing anything from the file (see
 * RobustBench files (the state dict under ``state_dict`` or at the top, keys with
   ``module.`` and/or ``model.`` prefixes).
 
+A source may be a local file or ``hf://ORG/REPO/FILE`` on the Hugging Face Hub (downloaded
+once into the Hugging Face cache, see :mod:`twins_jax.hub`). The report gives the file's
+SHA-256, to compare with the published one.
+
 One PyTorch BatchNorm fills both TWINS branches: ``weight``/``bias`` go to the
 Adaptive and the Frozen scale/bias (or the single shared pair), ``running_mean``/
 ``running_var`` to ``batch_stats`` and ``frozen_stats``. ``num_batches_tracked`` is
@@ -52,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from twins_jax import hub
 from twins_jax import model_io
 from twins_jax import models
 
@@ -166,7 +171,7 @@ class PortError(ValueError):
 @dataclasses.dataclass
 class PortReport:
   """What :func:`port_checkpoint` did. Names are checkpoint names after prefix stripping."""
-  source: str
+  source: str  # the path or hf:// URI as given
   arch: str
   num_classes: int
   twin: bool
@@ -186,6 +191,9 @@ class PortReport:
   warnings: List[str] = dataclasses.field(default_factory=list)
   checkpoint_info: Dict[str, Any] = dataclasses.field(default_factory=dict)
   seed: int = 0
+  source_file: str = ''  # the local file read (for hf://, the Hugging Face cache's copy)
+  source_size: int = 0  # bytes
+  source_sha256: str = ''  # of the file's bytes, to compare with the published value
 
   @property
   def ok(self) -> bool:
@@ -202,7 +210,12 @@ class PortReport:
       return shown + (f', ... ({len(items) - max_names} more)' if len(items) > max_names else '')
 
     lines = [
-        f'source: {self.source}',
+        f'source: {self.source}' +
+        (f' ({self.source_file})' if self.source_file and self.source_file != self.source else ''),
+    ]
+    if self.source_sha256:
+      lines.append(f'sha256: {self.source_sha256} ({self.source_size} bytes)')
+    lines += [
         f'format: {self.checkpoint_format} (state dict at {self.container}' +
         (f', prefixes stripped: {" ".join(self.prefixes_stripped)}' if self.prefixes_stripped else
          '') + ')', f'model: {self.arch}, {self.num_classes} classes, twin={self.twin}, '
@@ -360,7 +373,8 @@ def port_checkpoint(src, spec: models.ModelSpec, *, allow_missing: Sequence[str]
 
   Args:
     src: a checkpoint file (read with :func:`twins_jax.torch_pickle.load_torch_checkpoint`,
-      which refuses pickles that would run code) or an already loaded dict.
+      which refuses pickles that would run code), an ``hf://ORG/REPO/FILE`` path
+      (:mod:`twins_jax.hub`) or an already loaded dict.
     spec: the model to fill (a :class:`twins_jax.models.ModelSpec`).
     allow_missing: glob patterns (torch names such as ``'layer4.*'`` or Flax paths such as
       ``'params/fc/*'``) of model entries that may be absent from the checkpoint; they are
@@ -378,18 +392,23 @@ def port_checkpoint(src, spec: models.ModelSpec, *, allow_missing: Sequence[str]
       no state dict in the file; the message lists them by name, ``.report`` has details.
     twins_jax.torch_pickle.UnsafeCheckpointError: the file tries to run code.
     twins_jax.torch_pickle.CheckpointFormatError, FileNotFoundError: unreadable file.
+    twins_jax.errors.CheckpointError: an ``hf://`` file that cannot be had.
   """
   arch, num_classes, twin, share_affine = (spec.arch, spec.num_classes, spec.twin,
                                            spec.share_affine)
   model = spec.build()
+  file_info = {}
   if isinstance(src, Mapping):
     source, obj = '<in-memory checkpoint>', src
   else:
     from twins_jax.torch_pickle import load_torch_checkpoint  # pylint: disable=g-import-not-at-top
     source = os.fspath(src)
-    obj = load_torch_checkpoint(source)
+    local = os.fspath(hub.resolve(source))
+    obj = load_torch_checkpoint(local)
+    file_info = dict(source_file=os.path.abspath(local), source_size=os.path.getsize(local),
+                     source_sha256=file_sha256(local))
   report = PortReport(source=source, arch=arch, num_classes=num_classes, twin=twin,
-                      share_affine=share_affine, seed=seed)
+                      share_affine=share_affine, seed=seed, **file_info)
   sd = _strip_prefixes(_find_state_dict(obj, report), report)
 
   expected = model_io._leaf_table(model_io.abstract_variables(model))  # pylint: disable=protected-access
@@ -486,7 +505,8 @@ def port_checkpoint(src, spec: models.ModelSpec, *, allow_missing: Sequence[str]
   return variables, report
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+  """The SHA-256 of a file's bytes, as ``sha256sum`` prints it."""
   h = hashlib.sha256()
   with open(path, 'rb') as f:
     for chunk in iter(lambda: f.read(1 << 20), b''):
@@ -499,8 +519,8 @@ def port_to_dir(src, dst, spec: models.ModelSpec, *, overwrite: bool = False,
   """:func:`port_checkpoint`, then :func:`twins_jax.model_io.save_model_dir` into ``dst``.
 
   ``options`` are :func:`port_checkpoint`'s (allow_missing, allow_unexpected, seed). The
-  directory's metadata records the source file (path, size, sha256), the date and the port
-  report.
+  directory's metadata records the source (path or ``hf://`` URI, the file read, its size
+  and sha256), the date and the port report.
   """
   dst = Path(dst)
   if dst.is_dir() and any(dst.iterdir()) and not overwrite:
@@ -509,12 +529,14 @@ def port_to_dir(src, dst, spec: models.ModelSpec, *, overwrite: bool = False,
   metadata = {
       'created_by': 'twins_jax.port',
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      'source': os.path.abspath(report.source) if not isinstance(src, Mapping) else report.source,
+      'source': report.source,
       'port_report': report.to_dict(),
   }
   if not isinstance(src, Mapping):
-    metadata['source_size'] = os.path.getsize(src)
-    metadata['source_sha256'] = _file_sha256(os.fspath(src))
+    if not hub.is_hf_uri(report.source):
+      metadata['source'] = os.path.abspath(report.source)
+    metadata.update(source_file=report.source_file, source_size=report.source_size,
+                    source_sha256=report.source_sha256)
   model_io.save_model_dir(dst, variables, spec, metadata, overwrite=overwrite)
   return variables, report
 
@@ -527,7 +549,7 @@ def _parser() -> argparse.ArgumentParser:
       prog='python -m twins_jax.port',
       description='Port a PyTorch ResNet checkpoint (robustness .ckpt, torchvision or '
       'RobustBench state dict) to a twins_jax model directory.')
-  p.add_argument('src', help='the PyTorch checkpoint file')
+  p.add_argument('src', help='the PyTorch checkpoint: a file or hf://ORG/REPO/FILE')
   p.add_argument('dst', help='the model directory to write')
   p.add_argument('--arch', required=True, choices=sorted(models.ARCHS))
   p.add_argument(

@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from twins_jax import data, model_io, models, objectives, port, speed
+from twins_jax import data, hub, model_io, models, objectives, port, speed
 from twins_jax import step as step_lib
 
 log = logging.getLogger('twins_jax')
@@ -120,13 +120,18 @@ def initial_variables(config, spec: models.ModelSpec) -> tuple[dict, str]:
   """Pre-trained variables laid out for ``spec``'s model, and where they came from.
 
   ``config.pretrained`` is a model directory (ported, or written by an earlier run), a
-  training workdir, a PyTorch checkpoint (ported on the fly), or empty (random
-  initialisation).
+  training workdir, a PyTorch checkpoint (ported on the fly; a file or
+  ``hf://ORG/REPO/FILE`` on the Hugging Face Hub, see :mod:`twins_jax.hub`), or empty
+  (random initialisation).
   """
   model = spec.build()
   src = config.pretrained
   if not src:
     return models.init_variables(model, config.seed), 'random initialisation (no config.pretrained)'
+  if hub.is_hf_uri(src):
+    variables, report = port.port_checkpoint(src, spec, seed=config.seed)
+    log.info('Ported %s:\n%s', src, report.summary(problems=False))
+    return variables, f'PyTorch checkpoint {src} (ported; sha256 {report.source_sha256})'
   path = Path(os.path.expanduser(src))
   if path.is_dir():
     path = model_io.resolve_model_dir(path)
