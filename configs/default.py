@@ -79,4 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Persistent XLA compilation cache, so a resumed or repeated run skips compiling:
   # '' = <workdir>/jax_cache, 'none' = off, or a directory shared by several runs.
   c.compilation_cache_dir = ''
+  # A jax.profiler trace of this many training steps (after the first, compiled, step) in
+  # <workdir>/profile, for TensorBoard's profile tab (0: off).
+  c.profile_steps = 0
   return c

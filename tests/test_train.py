@@ -246,6 +246,7 @@ def test_wrong_type_override_is_rejected(flag, name, tmp_path):
     (dict(dtype='float16'), 'config.dtype'),
     (dict(lr_milestones=('a',)), 'config.lr_milestones'),
     (dict(digits_classes=(1.5,)), 'config.digits_classes'),
+    (dict(profile_steps=-1), 'config.profile_steps'),
 ])
 def test_check_config_errors(overrides, match, tmp_path):
   config = tiny_config(**overrides)
@@ -477,3 +478,11 @@ def test_metric_writer_drops_records_after_the_resumed_step(tmp_path):
   records = reporting.read_metrics(tmp_path)
   assert [(r['step'], r['train/loss']) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0),
                                                              (5, 50.0)]
+
+
+def test_profile_trace(compile_cache, tmp_path):
+  """profile_steps writes a jax.profiler trace in TensorBoard's profile plugin layout."""
+  config = tiny_config(compile_cache, method='at', profile_steps=3)
+  train.train_and_evaluate(config, tmp_path)
+  traces = list((tmp_path / 'profile' / 'plugins' / 'profile').glob('*/*.xplane.pb'))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0, traces

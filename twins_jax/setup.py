@@ -46,6 +46,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.autoattack not in AUTOATTACK_VERSIONS:
     raise ValueError(f"config.autoattack={config.autoattack!r}; choose 'none', 'fast' or "
                      "'standard'.")
+  if config.get('profile_steps', 0) < 0:
+    raise ValueError(f'config.profile_steps must be 0 (off) or positive, got '
+                     f'{config.profile_steps}.')
   if config.data_workers < -1 or config.data_threads < 1:
     raise ValueError(f'config.data_workers must be -1 (auto), 0 or more and config.data_threads '
                      f'1 or more, got {config.data_workers} and {config.data_threads}.')

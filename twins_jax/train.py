@@ -10,6 +10,7 @@ evaluation (:mod:`twins_jax.evaluate`) and the report.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -51,6 +52,48 @@ def _window_mean(window: list, weights: list) -> dict:
   out = {k: sum(m[k] * w for m, w in zip(window, weights)) / total for k in window[0]}
   out.update({k: window[-1][k] for k in _NOT_AVERAGED if k in window[-1]})
   return out
+
+
+class StepProfiler:
+  """A ``jax.profiler`` trace of ``num_steps`` training steps (``config.profile_steps``),
+  from the second step of this run on (the first one compiles), written to ``directory``
+  (``workdir/profile``: TensorBoard's profile tab). Process 0 only."""
+
+  def __init__(self, directory: Path, num_steps: int, enabled: bool = True):
+    self.directory, self.num_steps = directory, int(num_steps)
+    self.enabled = enabled and self.num_steps > 0
+    self.active, self.traced = False, 0
+
+  def step(self, steps_done: int, step: int, state):
+    """The context of one training step; ``steps_done``: steps this run has finished."""
+    if self.enabled and steps_done == 1 and not self.active and not self.traced:
+      jax.block_until_ready(state)  # the compiled first step is not part of the trace
+      self.directory.mkdir(parents=True, exist_ok=True)
+      jax.profiler.start_trace(str(self.directory))
+      self.active = True
+      log.info('Profiling %d training steps into %s.', self.num_steps, self.directory)
+    if not self.active:
+      return contextlib.nullcontext()
+    return jax.profiler.StepTraceAnnotation('train', step_num=step)
+
+  def step_done(self, state) -> None:
+    if self.active:
+      self.traced += 1
+      if self.traced >= self.num_steps:
+        self.stop(state)
+
+  def stop(self, state=None) -> None:
+    """Ends the trace (waiting for ``state``, so its steps are in it)."""
+    if not self.active:
+      return
+    self.active = False
+    try:
+      if state is not None:
+        jax.block_until_ready(state)
+    finally:
+      jax.profiler.stop_trace()
+    log.info('Profile of %d training steps written to %s (tensorboard --logdir %s).', self.traced,
+             self.directory, self.directory)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
@@ -132,15 +175,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   # The logging window's per-step metrics stay on the device (no host sync per step) and
   # are averaged there when they are logged.
   window, window_sizes, t_log = [], [], time.perf_counter()
+  profiler = StepProfiler(workdir / 'profile', config.get('profile_steps', 0), enabled=proc == 0)
   try:
     for step in range(start_step, total_steps):
       sharded = plan.sharded(step)
       batch = parallel.shard_batch(next(batches), mesh, replicate=not sharded)
       if not sharded and replicated_step is None:
         replicated_step = parallel.jit_train_step(step_fn, mesh, shard_batch=False)
-      state, metrics = (train_step if sharded else replicated_step)(state, batch,
-                                                                    jax.random.fold_in(
-                                                                        train_key, step))
+      with profiler.step(step - start_step, step, state):
+        state, metrics = (train_step if sharded else replicated_step)(state, batch,
+                                                                      jax.random.fold_in(
+                                                                          train_key, step))
+      profiler.step_done(state)
       window.append(metrics)
       window_sizes.append(plan.batch_size_at(step))
       done = step + 1
@@ -188,6 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       if checkpoint:
         ckpts.save(done, state, progress_record)
   finally:
+    profiler.stop()  # a run that ended (or failed) before profile_steps steps
     bar.close()
     batches.close()
     ckpts.wait()
