@@ -199,8 +199,10 @@ def test_port_and_predict_cli(tmp_path):
   ref = torch_logits(m, x)
   ckpt = save_robustness(m, tmp_path / 'resnet18_linf.ckpt')
   dst = tmp_path / 'model'
+  names = [f'class {i}' for i in range(10)]
+  (tmp_path / 'names.txt').write_text('\n'.join(names) + '\n\n')
   r = run_cli('-m', 'twins_jax.port', str(ckpt), str(dst), '--arch', 'resnet18', '--num-classes',
-              '10')
+              '10', '--class-names', str(tmp_path / 'names.txt'))
   assert r.returncode == 0, r.stderr
   assert 'robustness' in r.stdout and 'head: kept' in r.stdout
   assert f'sha256: {port.file_sha256(ckpt)}' in r.stdout
@@ -211,6 +213,7 @@ def test_port_and_predict_cli(tmp_path):
   assert meta['metadata']['source'] == str(ckpt)
   assert meta['metadata']['port_report']['loaded'] == 102
   assert meta['metadata']['source_sha256'] == port.file_sha256(ckpt)
+  assert meta['metadata']['class_names'] == names
   assert shapes_of(variables) == init_shapes(model)
 
   np.save(tmp_path / 'x.npy', x)
@@ -224,6 +227,7 @@ def test_port_and_predict_cli(tmp_path):
   err = float(np.abs(logits - ref).max())
   print(f'predict CLI resnet18 64: max-abs {err:.3g}')
   assert err < TOL
+  assert f'x.npy[4]: {names[int(np.argmax(ref[4]))]} ' in r.stdout  # top-5 with names
 
   # The port CLI refuses to overwrite, unless asked.
   r = run_cli('-m', 'twins_jax.port', str(ckpt), str(dst), '--arch', 'resnet18', '--num-classes',
@@ -287,6 +291,23 @@ def test_predict_cli_errors(tmp_path):
               str(tmp_path / 'ok.npy'), '--out', str(tmp_path / 'o.npy'))
   assert r.returncode == 1 and 'does not exist' in r.stderr and 'Traceback' not in r.stderr
   assert not (tmp_path / 'o.npy').exists()
+
+
+def test_class_names_files(tmp_path):
+  m = torch_model('tiny_resnet', 3)
+  (tmp_path / 'n.json').write_text(json.dumps(['a b', 'c', 'd']))
+  (tmp_path / 'n.txt').write_text('  a b \nc\n\nd\n')
+  assert port.read_class_names(tmp_path / 'n.json') == port.read_class_names(
+      tmp_path / 'n.txt') == ['a b', 'c', 'd']
+  spec = models.ModelSpec('tiny_resnet', 3)
+  ckpt = save_plain(m, tmp_path / 'a.pt')
+  port.port_to_dir(ckpt, tmp_path / 'm', spec, class_names=['a b', 'c', 'd'])
+  assert model_io.read_model_json(tmp_path / 'm')['metadata']['class_names'] == ['a b', 'c', 'd']
+  with pytest.raises(model_io.ModelDirError, match='2 class names for a model with 3'):
+    port.port_to_dir(ckpt, tmp_path / 'm2', spec, class_names=['a', 'b'])
+  (tmp_path / 'bad.json').write_text('{"a": 1}')
+  with pytest.raises(ValueError, match='JSON list'):
+    port.read_class_names(tmp_path / 'bad.json')
 
 
 # ------------------------------------------------------- head replacement

@@ -33,8 +33,11 @@ reported, not an error.
 CLI::
 
     python -m twins_jax.port SRC DST --arch resnet50 --num-classes 10 [--resize 224]
-        [--allow-missing PATTERN ...] [--allow-unexpected PATTERN ...]
+        [--class-names FILE] [--allow-missing PATTERN ...] [--allow-unexpected PATTERN ...]
         [--share-affine] [--no-twin] [--seed S] [--overwrite]
+
+``--class-names``: a text file with one class name per line (or a JSON list), stored in the
+model directory for ``predict``.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from twins_jax import errors
 from twins_jax import hub
 from twins_jax import model_io
 from twins_jax import models
@@ -515,16 +519,18 @@ def file_sha256(path: str) -> str:
 
 
 def port_to_dir(src, dst, spec: models.ModelSpec, *, overwrite: bool = False,
-                **options) -> Tuple[dict, PortReport]:
+                class_names: Optional[Sequence[str]] = None, **options) -> Tuple[dict, PortReport]:
   """:func:`port_checkpoint`, then :func:`twins_jax.model_io.save_model_dir` into ``dst``.
 
   ``options`` are :func:`port_checkpoint`'s (allow_missing, allow_unexpected, seed). The
   directory's metadata records the source (path or ``hf://`` URI, the file read, its size
-  and sha256), the date and the port report.
+  and sha256), the date, the port report and ``class_names`` (one per class) if given.
   """
   dst = Path(dst)
   if dst.is_dir() and any(dst.iterdir()) and not overwrite:
     raise FileExistsError(f'{dst} exists and is not empty; pass overwrite=True (--overwrite).')
+  if class_names is not None:
+    class_names = model_io.check_class_names(class_names, spec.num_classes)
   variables, report = port_checkpoint(src, spec, **options)
   metadata = {
       'created_by': 'twins_jax.port',
@@ -537,8 +543,29 @@ def port_to_dir(src, dst, spec: models.ModelSpec, *, overwrite: bool = False,
       metadata['source'] = os.path.abspath(report.source)
     metadata.update(source_file=report.source_file, source_size=report.source_size,
                     source_sha256=report.source_sha256)
+  if class_names is not None:
+    metadata['class_names'] = class_names
   model_io.save_model_dir(dst, variables, spec, metadata, overwrite=overwrite)
   return variables, report
+
+
+def read_class_names(path) -> List[str]:
+  """Class names from a text file (one per line; blank lines and surrounding spaces are
+  dropped) or a ``.json`` file holding a list of strings."""
+  import json  # pylint: disable=g-import-not-at-top
+  try:
+    text = Path(path).read_text(encoding='utf-8')
+  except OSError as e:
+    raise errors.DataError(f'cannot read the class names file {path}: {e.strerror}.') from None
+  if str(path).lower().endswith('.json'):
+    try:
+      names = json.loads(text)
+    except ValueError as e:
+      raise errors.DataError(f'{path} is not valid JSON: {e}') from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+      raise errors.DataError(f'{path} must hold a JSON list of class-name strings.')
+    return names
+  return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 # ------------------------------------------------------------------------ CLI
@@ -558,6 +585,10 @@ def _parser() -> argparse.ArgumentParser:
       'replaced by a fresh one')
   p.add_argument('--resize', type=int, default=None,
                  help='nearest-upsample inputs to RESIZE x RESIZE inside the model (e.g. 224)')
+  p.add_argument(
+      '--class-names', default=None, metavar='FILE',
+      help='class names to store with the model: one per line (or a JSON list), '
+      'as many as --num-classes')
   p.add_argument(
       '--allow-missing', nargs='+', action='extend', default=[], metavar='PATTERN',
       help='glob(s) of model entries the checkpoint may lack (fresh init), '
@@ -580,8 +611,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       warnings.simplefilter('ignore')  # the report prints them
       spec = models.ModelSpec(args.arch, args.num_classes, resize=args.resize,
                               twin=not args.no_twin, share_affine=args.share_affine)
+      class_names = None if args.class_names is None else read_class_names(args.class_names)
       _, report = port_to_dir(args.src, args.dst, spec, overwrite=args.overwrite,
-                              allow_missing=args.allow_missing,
+                              class_names=class_names, allow_missing=args.allow_missing,
                               allow_unexpected=args.allow_unexpected, seed=args.seed)
   except UnsafeCheckpointError as e:
     print(f'error: refusing {args.src}: it asks to run code when loaded.\n{e}', file=sys.stderr)

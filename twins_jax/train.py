@@ -132,6 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   replicated_step = None  # for a partial batch that does not split over the devices
   evaluator = evaluate.Evaluator(model, config, mesh)
 
+  model_info = model_metadata(config, workdir, datasets)
   ckpts = checkpointing.RunCheckpoints(workdir, keep=config.keep_checkpoints,
                                        async_save=config.async_checkpoints)
   for name in model_io.RUN_MODELS:
@@ -226,9 +227,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         best = progress_record['best']
         if best is None or val['pgd_acc'] > best['pgd_acc']:
           progress_record['best'] = record
-          checkpointing.save_best_model(
-              workdir, state.variables, spec,
-              {'run': str(workdir), 'validation': record, 'method': config.method})
+          checkpointing.save_best_model(workdir, state.variables, spec,
+                                        {**model_info, 'validation': record})
         bar.write(f'epoch {done / steps_per_epoch:g}: validation clean {val["clean_acc"]:.4f} '
                   f'PGD-{config.eval_attack_steps} {val["pgd_acc"]:.4f}')
       if checkpoint:
@@ -244,9 +244,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   final_path = workdir / 'final_model'
   if not (final_path / model_io.MODEL_JSON).is_file() or model_io.read_model_json(
       final_path)['metadata'].get('step') != total_steps:
-    checkpointing.save_best_model(
-        workdir, state.variables, spec,
-        {'run': str(workdir), 'method': config.method, 'step': total_steps}, name='final_model')
+    checkpointing.save_best_model(workdir, state.variables, spec,
+                                  {**model_info, 'step': total_steps}, name='final_model')
   protocol = {
       'train_examples': len(datasets.train), 'steps_per_epoch': steps_per_epoch,
       'last_batch': config.last_batch, 'val_fraction': datasets.val_fraction,
@@ -254,6 +253,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   }
   return final_report(config, workdir, model, state, datasets, evaluator, eval_key, progress_record,
                       mesh, protocol)
+
+
+def model_metadata(config, workdir: Path, datasets) -> dict:
+  """What best_model/ and final_model/ record besides the variables: the run, the method,
+  the evaluation transform (``preprocessing``) and the dataset's ``class_names``, which
+  :mod:`twins_jax.predict` applies and prints."""
+  info = {
+      'run': str(workdir), 'method': config.method, 'dataset': datasets.name, 'preprocessing': {
+          'augment': datasets.augment, 'image_size': datasets.image_size,
+          'resize_size': datasets.resize_size
+      }
+  }
+  names = datasets.class_names
+  if names and len(names) == datasets.num_classes:
+    info['class_names'] = [str(n) for n in names]
+  return info
 
 
 def final_report(config, workdir: Path, model, state, datasets, evaluator, key, progress_record,
