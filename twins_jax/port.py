@@ -36,8 +36,8 @@ CLI::
         [--class-names FILE] [--allow-missing PATTERN ...] [--allow-unexpected PATTERN ...]
         [--share-affine] [--no-twin] [--seed S] [--overwrite]
 
-``--class-names``: a text file with one class name per line (or a JSON list), stored in the
-model directory for ``predict``.
+(``twins-jax-port`` once the package is installed.) ``--class-names``: a text file with one
+class name per line (or a JSON list), stored in the model directory for ``predict``.
 """
 
 from __future__ import annotations
@@ -572,8 +572,9 @@ def read_class_names(path) -> List[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
+  installed = os.path.basename(sys.argv[0]) == 'twins-jax-port'
   p = argparse.ArgumentParser(
-      prog='python -m twins_jax.port',
+      prog='twins-jax-port' if installed else 'python -m twins_jax.port',
       description='Port a PyTorch ResNet checkpoint (robustness .ckpt, torchvision or '
       'RobustBench state dict) to a twins_jax model directory.')
   p.add_argument('src', help='the PyTorch checkpoint: a file or hf://ORG/REPO/FILE')
