@@ -57,6 +57,8 @@ def test_export_roundtrip_to_pytorch(tmp_path, twin, resize):
     assert np.abs(frozen - ours).max() > 0.1
   for ext in ('.safetensors', '.pt'):
     out = export.export(tmp_path / 'model', tmp_path / f'net{ext}')
+    (tmp_path / 'plain.txt').write_text('')  # the permissions of an ordinary new file
+    assert out.stat().st_mode & 0o777 == (tmp_path / 'plain.txt').stat().st_mode & 0o777
     state = load_exported(out)
     net = tr.tiny_resnet(NUM_CLASSES, resize)  # resize + ImageNet normalisation in forward
     assert set(state) == set(net.state_dict())  # torchvision's keys, num_batches_tracked too

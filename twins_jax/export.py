@@ -133,11 +133,17 @@ def export(model_dir, out, *, overwrite: bool = False) -> Path:
 
 def _safetensors_writer():
   try:
-    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise errors.UserError("writing .safetensors needs the safetensors package: pip install "
                            "safetensors (or pip install 'twins-jax[port]').") from None
-  return lambda tensors, path, info: save_file(tensors, str(path), metadata=info)
+
+  def write(tensors, path, info):
+    # Through Python's open(): safetensors' own save_file creates files readable by the
+    # owner only.
+    Path(path).write_bytes(save(tensors, metadata=info))
+
+  return write
 
 
 def _torch_writer():
