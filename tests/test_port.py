@@ -737,6 +737,23 @@ def test_hf_port_cli_and_clear_errors(hub_cache, tmp_path, monkeypatch):
   assert len(lines) == 1 and lines[0].startswith('error: ') and absent in lines[0]
   assert not (tmp_path / 'x').exists()
 
+  # Online but without a network (simulated): the same one line, naming the network; and
+  # huggingface_hub's retry warnings are silenced only while it runs.
+  import huggingface_hub
+  import logging
+
+  def unreachable(*args, local_files_only, **kwargs):
+    assert not local_files_only
+    assert logging.getLogger('huggingface_hub.utils._http').getEffectiveLevel() > logging.WARNING
+    raise huggingface_hub.errors.LocalEntryNotFoundError('cannot reach the Hub')
+
+  monkeypatch.delenv('HF_HUB_OFFLINE')
+  level = logging.getLogger('huggingface_hub').level
+  monkeypatch.setattr(huggingface_hub, 'hf_hub_download', unreachable)
+  with pytest.raises(errors.CheckpointError, match='could not be reached') as e:
+    hub.resolve(absent)
+  assert '\n' not in str(e.value) and logging.getLogger('huggingface_hub').level == level
+
   for bad in ('hf://org/file.ckpt', 'hf://org/repo@/f.ckpt', 'hf://org//f.ckpt'):
     with pytest.raises(errors.CheckpointError, match='hf://'):
       hub.parse(bad)

@@ -16,6 +16,7 @@ package missing, no network and no cached copy, no such repository or file) is a
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import NamedTuple, Optional
 
@@ -73,9 +74,15 @@ def resolve(path):
                           f'package: {INSTALL_HINT}.') from None
   offline = _env_true('HF_HUB_OFFLINE')
   cache = _cache_dir() or huggingface_hub.constants.HF_HUB_CACHE
+  download = huggingface_hub.hf_hub_download  # (imports it, which sets the logging level)
+  # Without a network huggingface_hub retries for ~25 s and logs every retry (twice, once
+  # more through the root logger); the one line below says what went wrong instead.
+  hub_logger = logging.getLogger('huggingface_hub')
+  level = hub_logger.level
+  hub_logger.setLevel(logging.ERROR)
   try:
-    return huggingface_hub.hf_hub_download(ref.repo_id, ref.filename, revision=ref.revision,
-                                           cache_dir=_cache_dir(), local_files_only=offline)
+    return download(ref.repo_id, ref.filename, revision=ref.revision, cache_dir=_cache_dir(),
+                    local_files_only=offline)
   except hf_errors.LocalEntryNotFoundError:
     why = ('HF_HUB_OFFLINE is set' if offline else 'the Hub could not be reached (no network?)')
     raise CheckpointError(f'{path} is not in the Hugging Face cache ({cache}) and {why}: '
@@ -97,3 +104,5 @@ def resolve(path):
     raise CheckpointError(f'{path}: {" ".join(str(e).split())}') from None
   except OSError as e:  # HTTP errors, a full disk, an unwritable cache
     raise CheckpointError(f'{path} could not be downloaded: {" ".join(str(e).split())}') from None
+  finally:
+    hub_logger.setLevel(level)
