@@ -84,10 +84,12 @@ def resolve(path):
     return download(ref.repo_id, ref.filename, revision=ref.revision, cache_dir=_cache_dir(),
                     local_files_only=offline)
   except hf_errors.LocalEntryNotFoundError:
-    why = ('HF_HUB_OFFLINE is set' if offline else 'the Hub could not be reached (no network?)')
+    why, fix = (('HF_HUB_OFFLINE is set',
+                 'unset HF_HUB_OFFLINE and download it once') if offline else
+                ('the Hub could not be reached (no network?)',
+                 'download it once with network access'))
     raise CheckpointError(f'{path} is not in the Hugging Face cache ({cache}) and {why}: '
-                          'download it once with network access (unset HF_HUB_OFFLINE), or '
-                          'pass a local copy of the file instead.') from None
+                          f'{fix}, or pass a local copy of the file instead.') from None
   except hf_errors.GatedRepoError:
     raise CheckpointError(f'{path}: the repository {ref.repo_id} is gated; accept its terms on '
                           'huggingface.co and log in (hf auth login or HF_TOKEN).') from None
