@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Model: the ImageNet Linf eps 4/255 robust ResNet-50 (twins-reference.md section 3).
   c.arch = 'resnet50'
-  c.pretrained = ''  # PyTorch checkpoint (ported on the fly) or a model directory
+  c.pretrained = ''  # PyTorch checkpoint (file or hf://ORG/REPO/FILE; ported on the fly) or model dir
   c.resize = 224  # nearest upsampling inside the model (0: none)
   c.share_affine = False  # reference: one BN affine pair per branch
   c.dtype = 'float32'  # computation dtype ('bfloat16' is an option; BN statistics stay fp32)
@@ -80,4 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Persistent XLA compilation cache, so a resumed or repeated run skips compiling:
   # '' = <workdir>/jax_cache, 'none' = off, or a directory shared by several runs.
   c.compilation_cache_dir = ''
+  # A jax.profiler trace of this many training steps (after the first, compiled, step) in
+  # <workdir>/profile, for TensorBoard's profile tab (0: off).
+  c.profile_steps = 0
   return c

@@ -199,17 +199,21 @@ def test_port_and_predict_cli(tmp_path):
   ref = torch_logits(m, x)
   ckpt = save_robustness(m, tmp_path / 'resnet18_linf.ckpt')
   dst = tmp_path / 'model'
+  names = [f'class {i}' for i in range(10)]
+  (tmp_path / 'names.txt').write_text('\n'.join(names) + '\n\n')
   r = run_cli('-m', 'twins_jax.port', str(ckpt), str(dst), '--arch', 'resnet18', '--num-classes',
-              '10')
+              '10', '--class-names', str(tmp_path / 'names.txt'))
   assert r.returncode == 0, r.stderr
   assert 'robustness' in r.stdout and 'head: kept' in r.stdout
+  assert f'sha256: {port.file_sha256(ckpt)}' in r.stdout
 
   model, variables, meta = model_io.load_model_dir(dst)
   assert meta['spec'] == models.ModelSpec(arch='resnet18', num_classes=10, resize=None, twin=True,
                                           share_affine=False)
   assert meta['metadata']['source'] == str(ckpt)
   assert meta['metadata']['port_report']['loaded'] == 102
-  assert len(meta['metadata']['source_sha256']) == 64
+  assert meta['metadata']['source_sha256'] == port.file_sha256(ckpt)
+  assert meta['metadata']['class_names'] == names
   assert shapes_of(variables) == init_shapes(model)
 
   np.save(tmp_path / 'x.npy', x)
@@ -223,6 +227,7 @@ def test_port_and_predict_cli(tmp_path):
   err = float(np.abs(logits - ref).max())
   print(f'predict CLI resnet18 64: max-abs {err:.3g}')
   assert err < TOL
+  assert f'x.npy[4]: {names[int(np.argmax(ref[4]))]} ' in r.stdout  # top-5 with names
 
   # The port CLI refuses to overwrite, unless asked.
   r = run_cli('-m', 'twins_jax.port', str(ckpt), str(dst), '--arch', 'resnet18', '--num-classes',
@@ -280,12 +285,29 @@ def test_predict_cli_errors(tmp_path):
   np.save(tmp_path / 'bad.npy', images(2, 32) * 3)
   r = run_cli('-m', 'twins_jax.predict', str(tmp_path / 'm'), '--images', str(tmp_path / 'bad.npy'),
               '--out', str(tmp_path / 'o.npy'))
-  assert r.returncode == 1 and '[0, 1]' in r.stderr and 'Traceback' not in r.stderr
+  assert r.returncode == 2 and '[0, 1]' in r.stderr and 'Traceback' not in r.stderr
   np.save(tmp_path / 'ok.npy', images(2, 32))
   r = run_cli('-m', 'twins_jax.predict', str(tmp_path / 'nowhere'), '--images',
               str(tmp_path / 'ok.npy'), '--out', str(tmp_path / 'o.npy'))
-  assert r.returncode == 1 and 'does not exist' in r.stderr and 'Traceback' not in r.stderr
+  assert r.returncode == 2 and 'does not exist' in r.stderr and 'Traceback' not in r.stderr
   assert not (tmp_path / 'o.npy').exists()
+
+
+def test_class_names_files(tmp_path):
+  m = torch_model('tiny_resnet', 3)
+  (tmp_path / 'n.json').write_text(json.dumps(['a b', 'c', 'd']))
+  (tmp_path / 'n.txt').write_text('  a b \nc\n\nd\n')
+  assert port.read_class_names(tmp_path / 'n.json') == port.read_class_names(
+      tmp_path / 'n.txt') == ['a b', 'c', 'd']
+  spec = models.ModelSpec('tiny_resnet', 3)
+  ckpt = save_plain(m, tmp_path / 'a.pt')
+  port.port_to_dir(ckpt, tmp_path / 'm', spec, class_names=['a b', 'c', 'd'])
+  assert model_io.read_model_json(tmp_path / 'm')['metadata']['class_names'] == ['a b', 'c', 'd']
+  with pytest.raises(model_io.ModelDirError, match='2 class names for a model with 3'):
+    port.port_to_dir(ckpt, tmp_path / 'm2', spec, class_names=['a', 'b'])
+  (tmp_path / 'bad.json').write_text('{"a": 1}')
+  with pytest.raises(ValueError, match='JSON list'):
+    port.read_class_names(tmp_path / 'bad.json')
 
 
 # ------------------------------------------------------- head replacement
@@ -402,7 +424,7 @@ def test_port_cli_reports_missing(tmp_path):
       str(tmp_path / 'out'), '--arch', 'tiny_resnet', '--num-classes', '3'
   ]
   r = run_cli(*args)
-  assert r.returncode == 1 and 'layer3.0.conv1.weight' in r.stderr
+  assert r.returncode == 2 and 'layer3.0.conv1.weight' in r.stderr
   assert 'Traceback' not in r.stderr and not (tmp_path / 'out').exists()
   r = run_cli(*args, '--allow-missing', 'layer3.0.conv1.*', '--seed', '1')
   assert r.returncode == 0, r.stderr
@@ -603,3 +625,140 @@ def test_version_1_model_directory_still_loads(tmp_path):
   model, v2, meta = model_io.load_model_dir(tmp_path / 'old')
   assert meta['spec'] == spec and meta['version'] == 1 and model == spec.build()
   jax.tree.map(np.testing.assert_array_equal, v2, v)
+
+
+# --------------------------------------------------- hf:// checkpoints (offline)
+
+HF_COMMIT = '0123456789abcdef0123456789abcdef01234567'
+
+
+def fake_hub_cache(root, repo_id, files):
+  """A Hugging Face hub cache holding ``files`` ({name in the repo: local file}) of the model
+  repository ``repo_id`` at one commit, laid out as huggingface_hub writes it:
+  ``models--ORG--REPO/blobs/<sha256>``, ``snapshots/<commit>/<name>`` (a relative symlink to
+  the blob) and ``refs/main`` (the commit)."""
+  import hashlib
+  repo = root / ('models--' + repo_id.replace('/', '--'))
+  for name, src in files.items():
+    data = open(src, 'rb').read()
+    blob = repo / 'blobs' / hashlib.sha256(data).hexdigest()
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(data)
+    link = repo / 'snapshots' / HF_COMMIT / name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(os.path.relpath(blob, link.parent))
+  (repo / 'refs').mkdir(parents=True, exist_ok=True)
+  (repo / 'refs' / 'main').write_text(HF_COMMIT)
+  return root
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+  """An offline hub cache with a tiny_resnet robustness .ckpt as
+  ``hf://org/robust-models/tiny_linf.ckpt``; returns (the torch model, the local file)."""
+  pytest.importorskip('huggingface_hub')
+  m = torch_model('tiny_resnet', 10)
+  ckpt = save_robustness(m, tmp_path / 'made_here.ckpt')
+  cache = fake_hub_cache(tmp_path / 'hf_cache', 'org/robust-models', {'tiny_linf.ckpt': ckpt})
+  monkeypatch.setenv('HF_HUB_CACHE', str(cache))
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  return m, ckpt
+
+
+HF_URI = 'hf://org/robust-models/tiny_linf.ckpt'
+
+
+def test_hf_checkpoint_ports_from_the_cache(hub_cache, tmp_path):
+  from twins_jax import hub
+  m, ckpt = hub_cache
+  spec = models.ModelSpec('tiny_resnet', 10)
+  local, _ = port.port_checkpoint(ckpt, spec)
+  for uri in (HF_URI, f'hf://org/robust-models@{HF_COMMIT}/tiny_linf.ckpt'):
+    variables, report = port.port_checkpoint(uri, spec)
+    jax.tree.map(np.testing.assert_array_equal, variables, local)
+    assert report.source == uri and report.source_sha256 == port.file_sha256(ckpt)
+    assert report.source_file.endswith('tiny_linf.ckpt') and 'snapshots' in report.source_file
+    assert f'sha256: {report.source_sha256}' in report.summary()
+  x = images(2, 32)
+  np.testing.assert_allclose(
+      models.create_model('tiny_resnet', 10).apply(variables, x), torch_logits(m, x), atol=TOL,
+      rtol=0)
+  assert hub.parse('hf://org/robust-models@v1/sub/dir/f.ckpt') == hub.HubFile(
+      'org/robust-models', 'sub/dir/f.ckpt', 'v1')
+
+
+def test_hf_checkpoint_as_pretrained_and_for_evaluation(hub_cache, tmp_path, monkeypatch):
+  """config.pretrained=hf://... in training (setup.initial_variables) and in mode=eval."""
+  from helpers import tiny_config
+  from twins_jax import evaluate, setup
+  _, ckpt = hub_cache
+  config = tiny_config(pretrained=HF_URI)
+  spec = setup.model_spec(config, 10)
+  variables, source = setup.initial_variables(config, spec)
+  local, _ = port.port_checkpoint(ckpt, spec)
+  jax.tree.map(np.testing.assert_array_equal, variables, local)
+  assert HF_URI in source and port.file_sha256(ckpt) in source
+
+  class Reached(Exception):
+    pass
+
+  def stop(tree, mesh):  # evaluation got its variables: no need to evaluate them
+    jax.tree.map(np.testing.assert_array_equal, tree, local)
+    raise Reached
+
+  monkeypatch.setattr(evaluate.parallel, 'replicate', stop)
+  with pytest.raises(Reached):
+    evaluate.evaluate_config(tiny_config(pretrained=HF_URI, mode='eval'), tmp_path)
+
+
+def test_hf_port_cli_and_clear_errors(hub_cache, tmp_path, monkeypatch):
+  from twins_jax import errors, hub
+  _, ckpt = hub_cache
+  dst = tmp_path / 'ported'
+  r = run_cli('-m', 'twins_jax.port', HF_URI, str(dst), '--arch', 'tiny_resnet', '--num-classes',
+              '10')
+  assert r.returncode == 0, r.stderr
+  sha = port.file_sha256(ckpt)
+  assert f'sha256: {sha}' in r.stdout
+  meta = model_io.read_model_json(dst)['metadata']
+  assert meta['source'] == HF_URI and meta['source_sha256'] == sha
+  assert meta['source_size'] == os.path.getsize(ckpt)
+
+  # Offline, a file the cache lacks: one clear line (the library's message is not it).
+  absent = 'hf://org/robust-models/absent.ckpt'
+  for uri in (absent, 'hf://org/other-repo/x.ckpt'):
+    with pytest.raises(errors.CheckpointError, match='not in the Hugging Face cache') as e:
+      port.port_checkpoint(uri, models.ModelSpec('tiny_resnet', 10))
+    assert '\n' not in str(e.value) and 'HF_HUB_OFFLINE' in str(e.value)
+  r = run_cli('-m', 'twins_jax.port', absent, str(tmp_path / 'x'), '--arch', 'tiny_resnet',
+              '--num-classes', '10')
+  assert r.returncode == 1 and 'Traceback' not in r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: ') and absent in lines[0]
+  assert not (tmp_path / 'x').exists()
+
+  # Online but without a network (simulated): the same one line, naming the network; and
+  # huggingface_hub's retry warnings are silenced only while it runs.
+  import huggingface_hub
+  import logging
+
+  def unreachable(*args, local_files_only, **kwargs):
+    assert not local_files_only
+    assert logging.getLogger('huggingface_hub.utils._http').getEffectiveLevel() > logging.WARNING
+    raise huggingface_hub.errors.LocalEntryNotFoundError('cannot reach the Hub')
+
+  monkeypatch.delenv('HF_HUB_OFFLINE')
+  level = logging.getLogger('huggingface_hub').level
+  monkeypatch.setattr(huggingface_hub, 'hf_hub_download', unreachable)
+  with pytest.raises(errors.CheckpointError, match='could not be reached') as e:
+    hub.resolve(absent)
+  assert '\n' not in str(e.value) and logging.getLogger('huggingface_hub').level == level
+
+  for bad in ('hf://org/file.ckpt', 'hf://org/repo@/f.ckpt', 'hf://org//f.ckpt'):
+    with pytest.raises(errors.CheckpointError, match='hf://'):
+      hub.parse(bad)
+  # Without huggingface_hub: how to install it.
+  monkeypatch.setitem(sys.modules, 'huggingface_hub', None)
+  with pytest.raises(errors.CheckpointError, match='pip install huggingface_hub'):
+    hub.resolve(HF_URI)
+  assert hub.resolve(str(ckpt)) == str(ckpt)  # local paths need no package

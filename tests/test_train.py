@@ -246,6 +246,7 @@ def test_wrong_type_override_is_rejected(flag, name, tmp_path):
     (dict(dtype='float16'), 'config.dtype'),
     (dict(lr_milestones=('a',)), 'config.lr_milestones'),
     (dict(digits_classes=(1.5,)), 'config.digits_classes'),
+    (dict(profile_steps=-1), 'config.profile_steps'),
 ])
 def test_check_config_errors(overrides, match, tmp_path):
   config = tiny_config(**overrides)
@@ -477,3 +478,33 @@ def test_metric_writer_drops_records_after_the_resumed_step(tmp_path):
   records = reporting.read_metrics(tmp_path)
   assert [(r['step'], r['train/loss']) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0),
                                                              (5, 50.0)]
+
+
+def test_profile_trace_and_model_metadata_for_predict(compile_cache, tmp_path, capsys):
+  """profile_steps writes a jax.profiler trace (TensorBoard's profile plugin layout); the run's
+  models store their evaluation transform and class names, which predict applies."""
+  from twins_jax import predict
+  config = tiny_config(compile_cache, method='at', profile_steps=3)
+  train.train_and_evaluate(config, tmp_path)
+  traces = list((tmp_path / 'profile' / 'plugins' / 'profile').glob('*/*.xplane.pb'))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0, traces
+
+  for name in ('best_model', 'final_model'):
+    meta = model_io.read_model_json(tmp_path / name)['metadata']
+    assert meta['preprocessing'] == {'augment': 'none', 'image_size': 16, 'resize_size': 18}
+    assert meta['class_names'] == [str(d) for d in range(10)] and meta['dataset'] == 'digits'
+
+  ds = data.build_datasets(setup.data_config(config))
+  image, _ = ds.test[0]  # uint8 16x16 (the source upsamples the 8x8 digits)
+  Image.fromarray(image).save(tmp_path / 'digit.png')
+  assert predict.main([
+      str(tmp_path), '--images',
+      str(tmp_path / 'digit.png'), '--out',
+      str(tmp_path / 'l.npy'), '--top-k', '3'
+  ]) == 0
+  model, variables, _ = model_io.load_model_dir(tmp_path / 'best_model')
+  want = np.asarray(model.apply(variables, image[None].astype(np.float32) / 255, mode='eval'))
+  np.testing.assert_allclose(np.load(tmp_path / 'l.npy'), want, atol=1e-5, rtol=0)
+  out = capsys.readouterr().out
+  assert '16x16 (stored by the training run)' in out
+  assert f'digit.png: {int(np.argmax(want))} ' in out

@@ -4,7 +4,8 @@
       --config.pretrained=runs/cifar10 --config.autoattack=standard
 
 ``config.pretrained`` may be a model directory, a training workdir (its ``best_model``,
-or else its ``final_model``, is used) or a PyTorch checkpoint (ported on the fly). Every
+or else its ``final_model``, is used) or a PyTorch checkpoint (ported on the fly: a file or
+``hf://ORG/REPO/FILE``). Every
 report carries RobustBench-style sanity flags against gradient masking: PGD with eps = 0
 gives the clean accuracy; AutoAttack <= PGD <= clean; accuracy does not rise with eps.
 """
@@ -22,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from twins_jax import autoattack as aa
-from twins_jax import data, errors, model_io, models, parallel, reporting, setup
+from twins_jax import data, errors, hub, model_io, models, parallel, reporting, setup
 from twins_jax import step as step_lib
 
 log = logging.getLogger('twins_jax')
@@ -148,13 +149,15 @@ def evaluate_config(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   if not config.pretrained:
     raise errors.ConfigError("config.mode='eval' needs config.pretrained: a model directory, a "
                              'training workdir or a PyTorch checkpoint.')
-  src = Path(config.pretrained).expanduser()
-  if src.is_dir():
+  # An hf:// path stays a string (a Path would fold its '//').
+  src = config.pretrained if hub.is_hf_uri(config.pretrained) else Path(
+      config.pretrained).expanduser()
+  if isinstance(src, Path) and src.is_dir():
     src = model_io.resolve_model_dir(src)
   mesh = parallel.data_mesh()
   datasets = setup.build_datasets(config)
   spec = setup.model_spec(config, datasets.num_classes)
-  if src.is_dir():
+  if isinstance(src, Path) and src.is_dir():
     spec = model_io.read_model_json(src)['spec']
     if spec.num_classes != datasets.num_classes:
       raise errors.CheckpointError(

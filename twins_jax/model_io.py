@@ -13,8 +13,16 @@ A model directory is what training starts from and what prediction reads::
 directory that has it is complete. Version-1 directories (the same fields under
 ``model_kwargs``) still load.
 
+Metadata keys that :mod:`twins_jax.predict` reads (both optional):
+
+* ``class_names``: one name per class (training writes the dataset's; ``twins_jax.port
+  --class-names FILE`` a file's);
+* ``preprocessing``: ``{"augment", "image_size", "resize_size"}``, the evaluation transform
+  of the run that trained the model (:func:`twins_jax.data.transforms.transform` with
+  ``train=False``); ported models have none.
+
 Public API: :func:`save_model_dir`, :func:`load_model_dir`, :func:`read_model_json`,
-:func:`abstract_variables`, :class:`ModelDirError`.
+:func:`abstract_variables`, :func:`check_class_names`, :class:`ModelDirError`.
 """
 
 from __future__ import annotations
@@ -91,6 +99,16 @@ def _json_default(obj):
   return str(obj)
 
 
+def check_class_names(names, num_classes: int) -> list:
+  """``names`` as a list of strings, checked to hold one name per class."""
+  if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+    raise ModelDirError('class names must be a list of strings.')
+  names = list(names)
+  if len(names) != num_classes:
+    raise ModelDirError(f'{len(names)} class names for a model with {num_classes} classes.')
+  return names
+
+
 def save_model_dir(path, variables: Mapping, spec: models.ModelSpec,
                    metadata: Optional[Mapping[str,
                                               Any]] = None, *, overwrite: bool = False) -> Path:
@@ -112,6 +130,8 @@ def save_model_dir(path, variables: Mapping, spec: models.ModelSpec,
   diffs = tree_differences(variables, abstract_variables(spec.build()))
   if diffs:
     raise ModelDirError(f'variables do not fit {spec}:\n  ' + '\n  '.join(diffs))
+  if (metadata or {}).get('class_names') is not None:
+    check_class_names(metadata['class_names'], spec.num_classes)
   doc = {
       'format': FORMAT, 'version': VERSION, 'spec': spec.to_dict(), 'metadata': dict(metadata or {})
   }

@@ -12,6 +12,10 @@ Reads, without torch and without executing anything from the file (see
 * RobustBench files (the state dict under ``state_dict`` or at the top, keys with
   ``module.`` and/or ``model.`` prefixes).
 
+A source may be a local file or ``hf://ORG/REPO/FILE`` on the Hugging Face Hub (downloaded
+once into the Hugging Face cache, see :mod:`twins_jax.hub`). The report gives the file's
+SHA-256, to compare with the published one.
+
 One PyTorch BatchNorm fills both TWINS branches: ``weight``/``bias`` go to the
 Adaptive and the Frozen scale/bias (or the single shared pair), ``running_mean``/
 ``running_var`` to ``batch_stats`` and ``frozen_stats``. ``num_batches_tracked`` is
@@ -29,8 +33,11 @@ reported, not an error.
 CLI::
 
     python -m twins_jax.port SRC DST --arch resnet50 --num-classes 10 [--resize 224]
-        [--allow-missing PATTERN ...] [--allow-unexpected PATTERN ...]
+        [--class-names FILE] [--allow-missing PATTERN ...] [--allow-unexpected PATTERN ...]
         [--share-affine] [--no-twin] [--seed S] [--overwrite]
+
+(``twins-jax-port`` once the package is installed.) ``--class-names``: a text file with one
+class name per line (or a JSON list), stored in the model directory for ``predict``.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twins_jax import errors, model_io
+from twins_jax import errors, hub, model_io
 from twins_jax import models
 
 # ------------------------------------------------------------------ the name table
@@ -166,7 +173,7 @@ class PortError(errors.CheckpointError):
 @dataclasses.dataclass
 class PortReport:
   """What :func:`port_checkpoint` did. Names are checkpoint names after prefix stripping."""
-  source: str
+  source: str  # the path or hf:// URI as given
   arch: str
   num_classes: int
   twin: bool
@@ -186,6 +193,9 @@ class PortReport:
   warnings: List[str] = dataclasses.field(default_factory=list)
   checkpoint_info: Dict[str, Any] = dataclasses.field(default_factory=dict)
   seed: int = 0
+  source_file: str = ''  # the local file read (for hf://, the Hugging Face cache's copy)
+  source_size: int = 0  # bytes
+  source_sha256: str = ''  # of the file's bytes, to compare with the published value
 
   @property
   def ok(self) -> bool:
@@ -202,7 +212,12 @@ class PortReport:
       return shown + (f', ... ({len(items) - max_names} more)' if len(items) > max_names else '')
 
     lines = [
-        f'source: {self.source}',
+        f'source: {self.source}' +
+        (f' ({self.source_file})' if self.source_file and self.source_file != self.source else ''),
+    ]
+    if self.source_sha256:
+      lines.append(f'sha256: {self.source_sha256} ({self.source_size} bytes)')
+    lines += [
         f'format: {self.checkpoint_format} (state dict at {self.container}' +
         (f', prefixes stripped: {" ".join(self.prefixes_stripped)}' if self.prefixes_stripped else
          '') + ')', f'model: {self.arch}, {self.num_classes} classes, twin={self.twin}, '
@@ -360,7 +375,8 @@ def port_checkpoint(src, spec: models.ModelSpec, *, allow_missing: Sequence[str]
 
   Args:
     src: a checkpoint file (read with :func:`twins_jax.torch_pickle.load_torch_checkpoint`,
-      which refuses pickles that would run code) or an already loaded dict.
+      which refuses pickles that would run code), an ``hf://ORG/REPO/FILE`` path
+      (:mod:`twins_jax.hub`) or an already loaded dict.
     spec: the model to fill (a :class:`twins_jax.models.ModelSpec`).
     allow_missing: glob patterns (torch names such as ``'layer4.*'`` or Flax paths such as
       ``'params/fc/*'``) of model entries that may be absent from the checkpoint; they are
@@ -378,18 +394,23 @@ def port_checkpoint(src, spec: models.ModelSpec, *, allow_missing: Sequence[str]
       no state dict in the file; the message lists them by name, ``.report`` has details.
     twins_jax.torch_pickle.UnsafeCheckpointError: the file tries to run code.
     twins_jax.torch_pickle.CheckpointFormatError, FileNotFoundError: unreadable file.
+    twins_jax.errors.CheckpointError: an ``hf://`` file that cannot be had.
   """
   arch, num_classes, twin, share_affine = (spec.arch, spec.num_classes, spec.twin,
                                            spec.share_affine)
   model = spec.build()
+  file_info = {}
   if isinstance(src, Mapping):
     source, obj = '<in-memory checkpoint>', src
   else:
     from twins_jax.torch_pickle import load_torch_checkpoint  # pylint: disable=g-import-not-at-top
     source = os.fspath(src)
-    obj = load_torch_checkpoint(source)
+    local = os.fspath(hub.resolve(source))
+    obj = load_torch_checkpoint(local)
+    file_info = dict(source_file=os.path.abspath(local), source_size=os.path.getsize(local),
+                     source_sha256=file_sha256(local))
   report = PortReport(source=source, arch=arch, num_classes=num_classes, twin=twin,
-                      share_affine=share_affine, seed=seed)
+                      share_affine=share_affine, seed=seed, **file_info)
   sd = _strip_prefixes(_find_state_dict(obj, report), report)
 
   expected = model_io._leaf_table(model_io.abstract_variables(model))  # pylint: disable=protected-access
@@ -486,7 +507,8 @@ def port_checkpoint(src, spec: models.ModelSpec, *, allow_missing: Sequence[str]
   return variables, report
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+  """The SHA-256 of a file's bytes, as ``sha256sum`` prints it."""
   h = hashlib.sha256()
   with open(path, 'rb') as f:
     for chunk in iter(lambda: f.read(1 << 20), b''):
@@ -495,39 +517,65 @@ def _file_sha256(path: str) -> str:
 
 
 def port_to_dir(src, dst, spec: models.ModelSpec, *, overwrite: bool = False,
-                **options) -> Tuple[dict, PortReport]:
+                class_names: Optional[Sequence[str]] = None, **options) -> Tuple[dict, PortReport]:
   """:func:`port_checkpoint`, then :func:`twins_jax.model_io.save_model_dir` into ``dst``.
 
   ``options`` are :func:`port_checkpoint`'s (allow_missing, allow_unexpected, seed). The
-  directory's metadata records the source file (path, size, sha256), the date and the port
-  report.
+  directory's metadata records the source (path or ``hf://`` URI, the file read, its size
+  and sha256), the date, the port report and ``class_names`` (one per class) if given.
   """
   dst = Path(dst)
   if dst.is_dir() and any(dst.iterdir()) and not overwrite:
     raise FileExistsError(f'{dst} exists and is not empty; pass overwrite=True (--overwrite).')
+  if class_names is not None:
+    class_names = model_io.check_class_names(class_names, spec.num_classes)
   variables, report = port_checkpoint(src, spec, **options)
   metadata = {
       'created_by': 'twins_jax.port',
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      'source': os.path.abspath(report.source) if not isinstance(src, Mapping) else report.source,
+      'source': report.source,
       'port_report': report.to_dict(),
   }
   if not isinstance(src, Mapping):
-    metadata['source_size'] = os.path.getsize(src)
-    metadata['source_sha256'] = _file_sha256(os.fspath(src))
+    if not hub.is_hf_uri(report.source):
+      metadata['source'] = os.path.abspath(report.source)
+    metadata.update(source_file=report.source_file, source_size=report.source_size,
+                    source_sha256=report.source_sha256)
+  if class_names is not None:
+    metadata['class_names'] = class_names
   model_io.save_model_dir(dst, variables, spec, metadata, overwrite=overwrite)
   return variables, report
+
+
+def read_class_names(path) -> List[str]:
+  """Class names from a text file (one per line; blank lines and surrounding spaces are
+  dropped) or a ``.json`` file holding a list of strings."""
+  import json  # pylint: disable=g-import-not-at-top
+  try:
+    text = Path(path).read_text(encoding='utf-8')
+  except OSError as e:
+    raise errors.DataError(f'cannot read the class names file {path}: {e.strerror}.') from None
+  if str(path).lower().endswith('.json'):
+    try:
+      names = json.loads(text)
+    except ValueError as e:
+      raise errors.DataError(f'{path} is not valid JSON: {e}') from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+      raise errors.DataError(f'{path} must hold a JSON list of class-name strings.')
+    return names
+  return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 # ------------------------------------------------------------------------ CLI
 
 
 def _parser() -> argparse.ArgumentParser:
+  installed = os.path.basename(sys.argv[0]) == 'twins-jax-port'
   p = argparse.ArgumentParser(
-      prog='python -m twins_jax.port',
+      prog='twins-jax-port' if installed else 'python -m twins_jax.port',
       description='Port a PyTorch ResNet checkpoint (robustness .ckpt, torchvision or '
       'RobustBench state dict) to a twins_jax model directory.')
-  p.add_argument('src', help='the PyTorch checkpoint file')
+  p.add_argument('src', help='the PyTorch checkpoint: a file or hf://ORG/REPO/FILE')
   p.add_argument('dst', help='the model directory to write')
   p.add_argument('--arch', required=True, choices=sorted(models.ARCHS))
   p.add_argument(
@@ -536,6 +584,10 @@ def _parser() -> argparse.ArgumentParser:
       'replaced by a fresh one')
   p.add_argument('--resize', type=int, default=None,
                  help='nearest-upsample inputs to RESIZE x RESIZE inside the model (e.g. 224)')
+  p.add_argument(
+      '--class-names', default=None, metavar='FILE',
+      help='class names to store with the model: one per line (or a JSON list), '
+      'as many as --num-classes')
   p.add_argument(
       '--allow-missing', nargs='+', action='extend', default=[], metavar='PATTERN',
       help='glob(s) of model entries the checkpoint may lack (fresh init), '
@@ -558,21 +610,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       warnings.simplefilter('ignore')  # the report prints them
       spec = models.ModelSpec(args.arch, args.num_classes, resize=args.resize,
                               twin=not args.no_twin, share_affine=args.share_affine)
+      class_names = None if args.class_names is None else read_class_names(args.class_names)
       _, report = port_to_dir(args.src, args.dst, spec, overwrite=args.overwrite,
-                              allow_missing=args.allow_missing,
+                              class_names=class_names, allow_missing=args.allow_missing,
                               allow_unexpected=args.allow_unexpected, seed=args.seed)
   except UnsafeCheckpointError as e:
-    print(f'error: refusing {args.src}: it asks to run code when loaded.\n{e}', file=sys.stderr)
-    return 2
+    return errors.report(
+        errors.CheckpointError(
+            f'refusing {args.src}: it asks to run code when loaded; get the '
+            'checkpoint from a source you trust', details=str(e)),
+        show_traceback=errors.verbose(argv))
   except PortError as e:
     if e.report is not None and e.report.checkpoint_format:
-      print(e.report.summary(problems=False), file=sys.stderr)
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+      e.details = e.report.summary(problems=False)
+    return errors.report(e, show_traceback=errors.verbose(argv))
   except (CheckpointFormatError, FileNotFoundError, FileExistsError, model_io.ModelDirError,
           ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+    error = e if isinstance(e, errors.UserError) else errors.UserError(str(e))
+    return errors.report(error, show_traceback=errors.verbose(argv))
   print(report.summary())
   print(f'wrote {os.path.abspath(args.dst)}')
   return 0

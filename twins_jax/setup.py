@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from twins_jax import attacks, data, model_io, models, objectives, port, speed
+from twins_jax import attacks, data, hub, model_io, models, objectives, port, speed
 from twins_jax.errors import CheckpointError, ConfigError, WorkdirError
 from twins_jax import step as step_lib
 
@@ -54,7 +54,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.num_epochs must be positive, got {config.num_epochs}.')
   for name in ('lr', 'eps', 'alpha', 'weight_decay', 'lambda_twins', 'beta', 'attack_steps',
                'eval_attack_steps', 'seed', 'image_size', 'resize', 'autoattack_max_examples',
-               'sanity_examples', 'checkpoint_every_steps'):
+               'sanity_examples', 'checkpoint_every_steps', 'profile_steps'):
     _at_least(config, name, 0, 'non-negative')
   for name in ('eval_batch_size', 'log_every_steps', 'keep_checkpoints', 'eval_every_epochs',
                'data_threads'):
@@ -146,13 +146,18 @@ def initial_variables(config, spec: models.ModelSpec) -> tuple[dict, str]:
   """Pre-trained variables laid out for ``spec``'s model, and where they came from.
 
   ``config.pretrained`` is a model directory (ported, or written by an earlier run), a
-  training workdir, a PyTorch checkpoint (ported on the fly), or empty (random
-  initialisation).
+  training workdir, a PyTorch checkpoint (ported on the fly; a file or
+  ``hf://ORG/REPO/FILE`` on the Hugging Face Hub, see :mod:`twins_jax.hub`), or empty
+  (random initialisation).
   """
   model = spec.build()
   src = config.pretrained
   if not src:
     return models.init_variables(model, config.seed), 'random initialisation (no config.pretrained)'
+  if hub.is_hf_uri(src):
+    variables, report = port.port_checkpoint(src, spec, seed=config.seed)
+    log.info('Ported %s:\n%s', src, report.summary(problems=False))
+    return variables, f'PyTorch checkpoint {src} (ported; sha256 {report.source_sha256})'
   path = Path(os.path.expanduser(src))
   if path.is_dir():
     path = model_io.resolve_model_dir(path)

@@ -10,6 +10,7 @@ evaluation (:mod:`twins_jax.evaluate`) and the report.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -54,6 +55,48 @@ def _window_mean(window: list, weights: list) -> dict:
   return out
 
 
+class StepProfiler:
+  """A ``jax.profiler`` trace of ``num_steps`` training steps (``config.profile_steps``),
+  from the second step of this run on (the first one compiles), written to ``directory``
+  (``workdir/profile``: TensorBoard's profile tab). Process 0 only."""
+
+  def __init__(self, directory: Path, num_steps: int, enabled: bool = True):
+    self.directory, self.num_steps = directory, int(num_steps)
+    self.enabled = enabled and self.num_steps > 0
+    self.active, self.traced = False, 0
+
+  def step(self, steps_done: int, step: int, state):
+    """The context of one training step; ``steps_done``: steps this run has finished."""
+    if self.enabled and steps_done == 1 and not self.active and not self.traced:
+      jax.block_until_ready(state)  # the compiled first step is not part of the trace
+      self.directory.mkdir(parents=True, exist_ok=True)
+      jax.profiler.start_trace(str(self.directory))
+      self.active = True
+      log.info('Profiling %d training steps into %s.', self.num_steps, self.directory)
+    if not self.active:
+      return contextlib.nullcontext()
+    return jax.profiler.StepTraceAnnotation('train', step_num=step)
+
+  def step_done(self, state) -> None:
+    if self.active:
+      self.traced += 1
+      if self.traced >= self.num_steps:
+        self.stop(state)
+
+  def stop(self, state=None) -> None:
+    """Ends the trace (waiting for ``state``, so its steps are in it)."""
+    if not self.active:
+      return
+    self.active = False
+    try:
+      if state is not None:
+        jax.block_until_ready(state)
+    finally:
+      jax.profiler.stop_trace()
+    log.info('Profile of %d training steps written to %s (tensorboard --logdir %s).', self.traced,
+             self.directory, self.directory)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   """Fine-tunes, evaluates and reports. Re-running with the same workdir resumes.
 
@@ -88,6 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   replicated_step = None  # for a partial batch that does not split over the devices
   evaluator = evaluate.Evaluator(model, config, mesh)
 
+  model_info = model_metadata(config, workdir, datasets)
   ckpts = checkpointing.RunCheckpoints(workdir, keep=config.keep_checkpoints,
                                        async_save=config.async_checkpoints)
   for name in model_io.RUN_MODELS:
@@ -135,6 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   # SIGTERM (preemption): save a checkpoint after the current step and stop; all hosts
   # agree on the step (twins_jax/preemption.py).
   watch = preemption.PreemptionWatch().__enter__()
+  profiler = StepProfiler(workdir / 'profile', config.get('profile_steps', 0), enabled=proc == 0)
   try:
     for step in range(start_step, total_steps):
       sharded = plan.sharded(step)
@@ -142,7 +187,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       if not sharded and replicated_step is None:
         replicated_step = parallel.jit_train_step(step_fn, mesh, shard_batch=False)
       step_key = jax.random.fold_in(train_key, step)
-      state, metrics = (train_step if sharded else replicated_step)(state, batch, step_key)
+      with profiler.step(step - start_step, step, state):
+        state, metrics = (train_step if sharded else replicated_step)(state, batch, step_key)
+      profiler.step_done(state)
       window.append(metrics)
       window_sizes.append(plan.batch_size_at(step))
       done = step + 1
@@ -183,9 +230,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         best = progress_record['best']
         if best is None or val['pgd_acc'] > best['pgd_acc']:
           progress_record['best'] = record
-          checkpointing.save_best_model(
-              workdir, state.variables, spec,
-              {'run': str(workdir), 'validation': record, 'method': config.method})
+          checkpointing.save_best_model(workdir, state.variables, spec,
+                                        {**model_info, 'validation': record})
         bar.write(f'epoch {done / steps_per_epoch:g}: validation clean {val["clean_acc"]:.4f} '
                   f'PGD-{config.eval_attack_steps} {val["pgd_acc"]:.4f}')
       if checkpoint or stop:
@@ -200,6 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             f'step is in {ckpts.directory}: re-run the same command to resume')
   finally:
     watch.__exit__(None, None, None)
+    profiler.stop()  # a run that ended (or failed) before profile_steps steps
     bar.close()
     batches.close()
     ckpts.wait()
@@ -209,9 +256,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   final_path = workdir / 'final_model'
   if not (final_path / model_io.MODEL_JSON).is_file() or model_io.read_model_json(
       final_path)['metadata'].get('step') != total_steps:
-    checkpointing.save_best_model(
-        workdir, state.variables, spec,
-        {'run': str(workdir), 'method': config.method, 'step': total_steps}, name='final_model')
+    checkpointing.save_best_model(workdir, state.variables, spec,
+                                  {**model_info, 'step': total_steps}, name='final_model')
   protocol = {
       'train_examples': len(datasets.train), 'steps_per_epoch': steps_per_epoch,
       'last_batch': config.last_batch, 'val_fraction': datasets.val_fraction,
@@ -219,6 +265,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   }
   return final_report(config, workdir, model, state, datasets, evaluator, eval_key, progress_record,
                       mesh, protocol)
+
+
+def model_metadata(config, workdir: Path, datasets) -> dict:
+  """What best_model/ and final_model/ record besides the variables: the run, the method,
+  the evaluation transform (``preprocessing``) and the dataset's ``class_names``, which
+  :mod:`twins_jax.predict` applies and prints."""
+  info = {
+      'run': str(workdir), 'method': config.method, 'dataset': datasets.name, 'preprocessing': {
+          'augment': datasets.augment, 'image_size': datasets.image_size,
+          'resize_size': datasets.resize_size
+      }
+  }
+  names = datasets.class_names
+  if names and len(names) == datasets.num_classes:
+    info['class_names'] = [str(n) for n in names]
+  return info
 
 
 def final_report(config, workdir: Path, model, state, datasets, evaluator, key, progress_record,
