@@ -732,7 +732,7 @@ def test_hf_port_cli_and_clear_errors(hub_cache, tmp_path, monkeypatch):
     assert '\n' not in str(e.value) and 'HF_HUB_OFFLINE' in str(e.value)
   r = run_cli('-m', 'twins_jax.port', absent, str(tmp_path / 'x'), '--arch', 'tiny_resnet',
               '--num-classes', '10')
-  assert r.returncode == 1 and 'Traceback' not in r.stderr
+  assert r.returncode == 2 and 'Traceback' not in r.stderr
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: ') and absent in lines[0]
   assert not (tmp_path / 'x').exists()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from twins_jax import model_io, models
+from twins_jax import errors, model_io, models
 from twins_jax import predict as predict_lib
 from twins_jax.data import transforms
 from twins_jax.errors import DataError
@@ -198,7 +198,7 @@ def test_predict_input_and_output_errors(trained_dir, tmp_path, capsys):
       (['--images', files[0], '--image-size', '0'], '--image-size must be positive'),
   ]
   for args, msg in cases:
-    assert predict_lib.main([str(d), *args]) == 1, args
+    assert predict_lib.main([str(d), *args]) == errors.EXIT_USER_ERROR, args
     err = capsys.readouterr().err
     assert msg in err and err.count('\n') == 1, (args, err)
   assert not (tmp_path / 'o.txt').exists()

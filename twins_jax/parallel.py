@@ -35,8 +35,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch_size(global_batch: int, mesh: Mesh) -> None:
   n = mesh.devices.size
   if global_batch % n:
-    raise ValueError(f'The global batch size {global_batch} must be divisible by the number '
-                     f'of devices ({n}); pick a multiple of {n}.')
+    from twins_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError(f'config.batch_size={global_batch} must be divisible by the number of '
+                      f'devices ({n}); pick a multiple of {n}.')
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
