@@ -66,7 +66,10 @@ def report(error: BaseException, show_traceback: bool = False, stream=None) -> i
     traceback.print_exception(error, file=stream)
   details = getattr(error, 'details', None)
   if details:
-    print(details.rstrip(), file=stream)
+    lines = details.rstrip().splitlines()
+    if len(lines) > 25:
+      lines = lines[:20] + [f'  ... ({len(lines) - 20} more lines)']
+    print('\n'.join(lines), file=stream)
   print(f'error: {one_line(error)}', file=stream)
   return EXIT_PREEMPTED if isinstance(error, Preempted) else EXIT_USER_ERROR
 

@@ -145,15 +145,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated(mesh)),
       abstract_state)
   progress_record = {'history': [], 'best': None, 'source': None}
-  restored = ckpts.restore_latest(abstract_state)
-  if restored is not None:
-    state, progress_record = restored
-    log.info('Resuming from %s at step %d.', ckpts.directory, int(state.step))
-  else:
-    variables, source = setup.initial_variables(config, spec)
-    progress_record['source'] = source
-    log.info('Starting from %s.', source)
-    state = parallel.replicate(step_lib.TrainState.create(variables, tx), mesh)
+  try:
+    restored = ckpts.restore_latest(abstract_state)
+    if restored is not None:
+      state, progress_record = restored
+      log.info('Resuming from %s at step %d.', ckpts.directory, int(state.step))
+    else:
+      variables, source = setup.initial_variables(config, spec)
+      progress_record['source'] = source
+      log.info('Starting from %s.', source)
+      state = parallel.replicate(step_lib.TrainState.create(variables, tx), mesh)
+  except BaseException:
+    ckpts.close()  # Orbax's background threads, else they complain at exit
+    raise
   start_step = int(jax.device_get(state.step))
 
   writer = reporting.MetricWriter(workdir, enabled=proc == 0, resume_step=start_step)
@@ -244,12 +248,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         raise errors.Preempted(
             f'stopped by SIGTERM after step {done} of {total_steps}; the checkpoint of that '
             f'step is in {ckpts.directory}: re-run the same command to resume')
+  except BaseException:
+    ckpts.close()  # finishes a save in flight, then stops Orbax's background threads
+    raise
   finally:
     watch.__exit__(None, None, None)
     profiler.stop()  # a run that ended (or failed) before profile_steps steps
     bar.close()
     batches.close()
-    ckpts.wait()
   ckpts.close()
   writer.close()
 
