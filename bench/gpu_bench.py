@@ -962,6 +962,9 @@ def parse_args(argv=None):
   bad = [x for x in args.sweep if x not in VARIANTS]
   if bad:
     p.error(f'unknown variants {bad}; see --list-variants')
+  bad = [x for x in args.jax_dtypes.split(',') if x not in ('float32', 'bfloat16')]
+  if bad:
+    p.error(f'unknown JAX dtypes {bad}; choose from float32, bfloat16')
   bad = [x for x in args.torch_modes.split(',') if x not in TORCH_MODES]
   if bad:
     p.error(f'unknown torch modes {bad}; choose from {tuple(TORCH_MODES)}')

@@ -113,7 +113,8 @@ def test_arguments():
   assert args.sweep == list(gpu_bench.DEFAULT_SWEEP) and args.sections == ['jax', 'input']
   assert args.budget == 360
   assert set(gpu_bench.DEFAULT_SWEEP) <= set(gpu_bench.VARIANTS)
-  for bad in (['--sections', 'jax,gpu'], ['--sweep', 'nope'], ['--torch-modes', 'fp16']):
+  for bad in (['--sections', 'jax,gpu'], ['--sweep', 'nope'], ['--torch-modes',
+                                                               'fp16'], ['--jax-dtypes', 'bf16']):
     with pytest.raises(SystemExit):
       gpu_bench.parse_args(bad)
   full = gpu_bench._settings(gpu_bench.parse_args([]))
