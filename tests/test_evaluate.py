@@ -61,3 +61,26 @@ def test_eval_mode_needs_a_model(tmp_path):
   config.mode = 'eval'
   with pytest.raises(ValueError, match='needs config.pretrained'):
     train.train_and_evaluate(config, tmp_path)
+
+
+def test_sharded_evaluation_equals_one_device():
+  """Clean and PGD evaluation sharded over 8 devices counts exactly what one device does
+  (float64, so that no PGD sign() tie can flip between two batch layouts)."""
+  from twins_jax import data, parallel
+  from helpers import tiny_config
+  config = tiny_config(eval_attack_steps=3, eval_batch_size=32)
+  datasets = data.build_datasets(setup.data_config(config))
+  with jax.enable_x64(True):
+    model = models.create_model('tiny_resnet', 10, dtype=jax.numpy.float64,
+                                param_dtype=jax.numpy.float64)
+    variables = models.init_variables(model, 0)
+    key = jax.random.key(0)
+    results = []
+    for devices in (jax.devices(), jax.devices()[:1]):
+      mesh = parallel.data_mesh(devices)
+      evaluator = evaluate.Evaluator(model, config, mesh)
+      batches = datasets.eval_batches('test', config.eval_batch_size)
+      results.append(evaluator(parallel.replicate(variables, mesh), batches, key))
+  assert len(jax.devices()) == 8
+  assert results[0] == results[1]
+  assert results[0]['num_examples'] == len(datasets.test) and 0 < results[0]['pgd_acc'] <= 1
