@@ -185,3 +185,66 @@ def test_compile_time_does_not_grow_with_iterations():
                     n_iter=n_iter, n_restarts=1, n_target_classes=3, rho=.75).compile()
     times[n_iter] = time.time() - t
   print(f'\nAPGD-T compile time: n_iter=5: {times[5]:.2f} s, n_iter=500: {times[500]:.2f} s')
+
+
+# ----------------------------------------------------------------------------- batching
+
+def _projection_linf_sorted(t, w, b):
+  """The reference's ``projection_linf`` (fab_projections.py), sort and binary search,
+  in NumPy float64."""
+  t, w, b = (np.asarray(a, np.float64) for a in (t, w, b))
+  sign = np.where((w * t).sum(1) - b >= 0, 1., -1.)
+  w = w * sign[:, None]
+  b = b * sign
+  a = (w < 0).astype(np.float64)
+  d = (a - t) * (w != 0)
+  p = a - t * (2 * a - 1)
+  indp = np.argsort(p, axis=1, kind='stable')
+  b = b - (w * t).sum(1)
+  b0 = (w * d).sum(1)
+  indp2 = indp[:, ::-1]
+  ws = np.take_along_axis(w, indp2, 1)
+  bs2 = -ws * np.take_along_axis(d, indp2, 1)
+  s = np.cumsum(np.abs(ws), 1)
+  sb = np.cumsum(bs2, 1) + b0[:, None]
+  b2 = sb[:, -1] - s[:, -1] * np.take_along_axis(p, indp[:, :1], 1)[:, 0]
+  c_l = b - b2 > 0
+  c2 = (b - b0 > 0) & ~c_l
+  rows = np.nonzero(c2)[0]
+  lb = np.zeros(rows.size)
+  ub = np.full(rows.size, w.shape[1] - 1.)
+  for _ in range(int(np.ceil(np.log2(w.shape[1])))):
+    mid = np.floor((lb + ub) / 2).astype(int)
+    indcurr = indp[rows, w.shape[1] - 1 - mid]
+    b2r = sb[rows, mid] - s[rows, mid] * p[rows, indcurr]
+    c = b[rows] - b2r > 0
+    lb = np.where(c, mid, lb)
+    ub = np.where(c, ub, mid)
+  lb = lb.astype(int)
+  out = d.copy()
+  lmbd = np.maximum((b - sb[:, -1]) / -s[:, -1], 0)[:, None]
+  out[c_l] = ((2 * a - 1) * lmbd)[c_l]
+  lmbd2 = np.maximum((b[rows] - sb[rows, lb]) / -s[rows, lb], 0)[:, None]
+  out[rows] = np.minimum(lmbd2, d[rows]) * a[rows] + np.maximum(-lmbd2, d[rows]) * (1 - a[rows])
+  return out * (w != 0), c_l, c2
+
+
+@pytest.mark.parametrize('case', ['continuous', 'ties_and_zero_weights'])
+def test_projection_linf_without_sort_matches_sorted_reference(case):
+  """The bisection on values finds the reference's breakpoint: every branch (beyond
+  the box, inside, no solution), ties in p, zero weights."""
+  rng = np.random.default_rng(0)
+  rows, dim = 96, 300
+  t = rng.uniform(size=(rows, dim)).astype(np.float32)
+  w = rng.normal(size=(rows, dim)).astype(np.float32)
+  if case != 'continuous':
+    t = np.round(t * 4) / 4  # many equal p
+    w[:, ::3] = 0.
+  b = (rng.normal(size=rows) * np.geomspace(.1, 400, rows)).astype(np.float32)
+  ref, c_l, c2 = _projection_linf_sorted(t, w, b)
+  assert c2.any() and (~c_l & ~c2).any() and (c_l.any() or case != 'continuous')
+  got = np.asarray(aa.projection_linf(jnp.asarray(t), jnp.asarray(w), jnp.asarray(b)))
+  np.testing.assert_allclose(got, ref, atol=2e-5)
+  # The step reaches the hyperplane where the reference's does.
+  tb = t + got
+  np.testing.assert_allclose((w * tb).sum(1)[c2], b[c2], rtol=1e-4, atol=1e-3)

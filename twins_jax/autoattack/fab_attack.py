@@ -34,9 +34,31 @@ def _take(a, idx):
   return jnp.take_along_axis(a, idx[:, None], axis=1)[:, 0]
 
 
+def _ordered(v):
+  """float32 -> int32 with the same order (negative floats flipped), for bisecting over
+  the representable floats of a range."""
+  i = lax.bitcast_convert_type(v, jnp.int32)
+  return jnp.where(i < 0, i ^ jnp.int32(0x7fffffff), i)
+
+
+def _unordered(i):
+  return lax.bitcast_convert_type(jnp.where(i < 0, i ^ jnp.int32(0x7fffffff), i), jnp.float32)
+
+
 def projection_linf(t, w, b):
-  """Minimal Linf step ``d`` (per row) with ``w.(t+d) = b`` and ``t+d`` in [0, 1]."""
-  n_rows, dim = w.shape
+  """Minimal Linf step ``d`` (per row) with ``w.(t+d) = b`` and ``t+d`` in [0, 1].
+
+  The reference sorts ``p`` (every coordinate's distance to the box face it moves
+  towards) and binary-searches the sorted cumulative sums for the last index ``k``
+  with ``b - (sb[k] - s[k] p_(k)) > 0``. That quantity depends on ``k`` only through
+  the value ``v = p_(k)``: it is ``g(v) = b0 + sum_j |w_j| max(p_j - v, 0)``, which
+  decreases in ``v`` and is the same for tied values. So the search is a bisection on
+  ``v`` over the floats between min(p) and max(p) (32 halvings of their bit patterns
+  reach adjacent floats), and ``sb[k]``, ``s[k]`` are sums over ``p_j >= v``. Same
+  result as the sorted search (up to float rounding of the sums), without the sort:
+  XLA:CPU's sort of 3072 floats per row made this 13x slower and FAB-T several times
+  slower than PyTorch on a convolutional net.
+  """
   sign = jnp.where(jnp.sum(w * t, 1) - b >= 0, 1., -1.).astype(w.dtype)
   w = w * sign[:, None]
   b = b * sign
@@ -44,33 +66,35 @@ def projection_linf(t, w, b):
   nz = (w != 0).astype(w.dtype)
   d = (a - t) * nz
   p = a - t * (2 * a - 1)
-  indp = jnp.argsort(p, axis=1)
   b = b - jnp.sum(w * t, 1)
   b0 = jnp.sum(w * d, 1)
-  indp2 = indp[:, ::-1]
-  ws = jnp.take_along_axis(w, indp2, 1)
-  bs2 = -ws * jnp.take_along_axis(d, indp2, 1)
-  s = jnp.cumsum(jnp.abs(ws), 1)
-  sb = jnp.cumsum(bs2, 1) + b0[:, None]
-  b2 = sb[:, -1] - s[:, -1] * _take(p, indp[:, 0])
-  c_l = b - b2 > 0
+  aw = jnp.abs(w)
+  awp = aw * p  # = -w d
+  s_all = jnp.sum(aw, 1)
+  sb_all = jnp.sum(awp, 1) + b0
+  p_min, p_max = jnp.min(p, 1), jnp.max(p, 1)
+  # Branches of the reference: c_l, the hyperplane lies beyond the box corner
+  # (b > g(min p)); c2, the step stops inside (g(max p) = b0 < b); else no solution.
+  c_l = b - (sb_all - s_all * p_min) > 0
   c2 = (b - b0 > 0) & ~c_l
 
-  lb = jnp.zeros((n_rows,), w.dtype)
-  ub = jnp.full((n_rows,), dim - 1, w.dtype)
-  for _ in range(math.ceil(math.log2(dim))):
-    mid = jnp.floor((lb + ub) / 2)
-    mid_i = mid.astype(jnp.int32)
-    indcurr = _take(indp, dim - 1 - mid_i)
-    b2 = _take(sb, mid_i) - _take(s, mid_i) * _take(p, indcurr)
-    c = b - b2 > 0
-    lb = jnp.where(c, mid, lb)
-    ub = jnp.where(c, ub, mid)
-  lb = lb.astype(jnp.int32)
+  def body(_, lohi):
+    lo, hi = lohi
+    mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2), no overflow
+    g = b0 + jnp.sum(aw * jnp.maximum(p - _unordered(mid)[:, None], 0.), 1)
+    ok = g < b
+    return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
 
-  lmbd_l = jnp.maximum((b - sb[:, -1]) / (-s[:, -1]), 0.)[:, None]
+  # Invariant for c2 rows: g(lo) >= b > g(hi); ends with hi = the smallest float v
+  # with g(v) < b, so {p_j >= hi} are the coordinates before the reference's lb + 1.
+  _, hi = lax.fori_loop(0, 32, body, (_ordered(p_min), _ordered(p_max)))
+  sel = p >= _unordered(hi)[:, None]
+  s_lb = jnp.sum(jnp.where(sel, aw, 0.), 1)
+  sb_lb = jnp.sum(jnp.where(sel, awp, 0.), 1) + b0
+
+  lmbd_l = jnp.maximum((b - sb_all) / (-s_all), 0.)[:, None]
   d_l = (2 * a - 1) * lmbd_l
-  lmbd_2 = jnp.maximum((b - _take(sb, lb)) / (-_take(s, lb)), 0.)[:, None]
+  lmbd_2 = jnp.maximum((b - sb_lb) / (-s_lb), 0.)[:, None]
   d_2 = jnp.minimum(lmbd_2, d) * a + jnp.maximum(-lmbd_2, d) * (1 - a)
   d = jnp.where(c_l[:, None], d_l, jnp.where(c2[:, None], d_2, d))
   return d * nz
