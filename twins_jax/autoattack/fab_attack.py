@@ -28,6 +28,7 @@ from jax import lax
 
 from ._common import (as_partial, bcast, check_norm, example_keys, flat_norm, fold_all,
                       normal_per_example, uniform_per_example, where_ex)
+from .autopgd import target_labels
 
 
 def _take(a, idx):
@@ -145,53 +146,85 @@ def projection_l2(t, w, b):
   return d * (~small).astype(w.dtype)
 
 
-def fab_targeted_single_run(fn, x, y, y_target, keys, eps, rand_start, *, norm, n_iter,
-                            alpha_max, eta, beta):
-  """One targeted FAB run; returns the closest adversarial point found (clean image
-  where none was found)."""
+def fab_empty_state(x, xp=jnp):
+  """A placeholder for :func:`fab_step`'s state before iteration 0 (which ignores it);
+  nothing found yet."""
+  return x, x, xp.full(x.shape[:1], 1e10, x.dtype)
+
+
+def fab_step(fn, x, y, y_target, keys, eps, rand_start, state, i, *, norm, alpha_max, eta,
+             beta):
+  """Iteration ``i`` (traced) of a targeted FAB run; ``i = 0`` starts the run (from a
+  random point at distance ``eps / 2`` if ``rand_start``) and ignores ``state``.
+  ``state = (x1, adv, res2)``: the iterate, the closest adversarial point found (the
+  clean image while none) and its distance (1e10 while none). One iteration per call
+  lets the suite drive the loop from the host (see :func:`autopgd.apgd_step`)."""
   n = x.shape[0]
   proj = projection_linf if norm == 'Linf' else projection_l2
   x0 = x.reshape(n, -1)
 
-  if norm == 'Linf':
-    t = uniform_per_example(keys, x.shape[1:], -1., 1.)
-  else:
-    t = normal_per_example(keys, x.shape[1:])
-  t = t / bcast(flat_norm(t, norm), t)
-  x1_rand = jnp.clip(x + jnp.minimum(1e10, eps) * t * .5, 0., 1.)
-  x1 = jnp.where(rand_start, x1_rand, x)
+  def start():
+    if norm == 'Linf':
+      t = uniform_per_example(keys, x.shape[1:], -1., 1.)
+    else:
+      t = normal_per_example(keys, x.shape[1:])
+    t = t / bcast(flat_norm(t, norm), t)
+    x1_rand = jnp.clip(x + jnp.minimum(1e10, eps) * t * .5, 0., 1.)
+    return jnp.where(rand_start, x1_rand, x), x, jnp.full((n,), 1e10, x.dtype)
 
-  def diff_and_grad(xx):
-    def total(xx):
-      z = fn(xx)
-      diffy = -(_take(z, y) - _take(z, y_target))
-      return diffy.sum(), diffy
-    (_, df), dg = jax.value_and_grad(total, has_aux=True)(xx)
-    return df, dg
+  x1, adv, res2 = lax.cond(i == 0, start, lambda: tuple(state))
 
-  def body(_, c):
-    x1, adv, res2 = c
-    df, dg = diff_and_grad(x1)
-    w = dg.reshape(n, -1)
-    b = -df + jnp.sum(w * x1.reshape(n, -1), 1)
-    d3 = proj(jnp.concatenate([x1.reshape(n, -1), x0], 0), jnp.concatenate([w, w], 0),
-              jnp.concatenate([b, b], 0))
-    d1 = d3[:n].reshape(x.shape)
-    d2 = d3[n:].reshape(x.shape)
-    a0 = jnp.maximum(flat_norm(d3, norm), 1e-8)
-    a1, a2 = a0[:n], a0[n:]
-    alpha = bcast(jnp.minimum(jnp.maximum(a1 / (a1 + a2), 0.), alpha_max), x)
-    x1 = jnp.clip((x1 + eta * d1) * (1 - alpha) + (x + d2 * eta) * alpha, 0., 1.)
-    is_adv = jnp.argmax(fn(x1), -1) != y
-    dist = flat_norm(x1 - x, norm)
-    better = is_adv & (dist < res2)
-    adv = where_ex(better, x1, adv)
-    res2 = jnp.where(better, dist, res2)
-    x1 = where_ex(is_adv, x + (x1 - x) * beta, x1)
-    return x1, adv, res2
+  def total(xx):
+    z = fn(xx)
+    diffy = -(_take(z, y) - _take(z, y_target))
+    return diffy.sum(), diffy
 
-  _, adv, res2 = lax.fori_loop(0, n_iter, body, (x1, x, jnp.full((n,), 1e10, x.dtype)))
-  return where_ex(res2 < 1e10, adv, x)
+  (_, df), dg = jax.value_and_grad(total, has_aux=True)(x1)
+  w = dg.reshape(n, -1)
+  b = -df + jnp.sum(w * x1.reshape(n, -1), 1)
+  d3 = proj(jnp.concatenate([x1.reshape(n, -1), x0], 0), jnp.concatenate([w, w], 0),
+            jnp.concatenate([b, b], 0))
+  d1 = d3[:n].reshape(x.shape)
+  d2 = d3[n:].reshape(x.shape)
+  a0 = jnp.maximum(flat_norm(d3, norm), 1e-8)
+  a1, a2 = a0[:n], a0[n:]
+  alpha = bcast(jnp.minimum(jnp.maximum(a1 / (a1 + a2), 0.), alpha_max), x)
+  x1 = jnp.clip((x1 + eta * d1) * (1 - alpha) + (x + d2 * eta) * alpha, 0., 1.)
+  is_adv = jnp.argmax(fn(x1), -1) != y
+  dist = flat_norm(x1 - x, norm)
+  better = is_adv & (dist < res2)
+  adv = where_ex(better, x1, adv)
+  res2 = jnp.where(better, dist, res2)
+  x1 = where_ex(is_adv, x + (x1 - x) * beta, x1)
+  return x1, adv, res2
+
+
+def fab_targeted_single_run(fn, x, y, y_target, keys, eps, rand_start, *, norm, n_iter,
+                            alpha_max, eta, beta):
+  """One targeted FAB run. Returns ``(adv, res2)``: the closest adversarial point
+  found (the clean image where none was found) and its distance (1e10 where none; it
+  was misclassified when it was recorded, so no forward pass is needed to check it)."""
+  step = partial(fab_step, fn, x, y, y_target, keys, eps, rand_start, norm=norm,
+                 alpha_max=alpha_max, eta=eta, beta=beta)
+  _, adv, res2 = lax.fori_loop(0, n_iter, lambda i, s: step(s, i), fab_empty_state(x))
+  return adv, res2
+
+
+def fab_t_run(fn, x, y, y_target, keys, acc, eps, j, *, norm, n_iter, n_restarts, alpha_max,
+              eta, beta):
+  """Run ``j`` of FAB-T against ``y_target``, from a random start unless it is the
+  target's first restart (``j % n_restarts == 0``). Returns ``(adv, fooled)``:
+  ``fooled`` only among ``acc``, and only where the adversarial point lies within
+  ``eps``."""
+  adv, res2 = fab_targeted_single_run(fn, x, y, y_target, fold_all(keys, j), eps,
+                                      j % n_restarts > 0, norm=norm, n_iter=n_iter,
+                                      alpha_max=alpha_max, eta=eta, beta=beta)
+  return adv, acc & (res2 <= eps)
+
+
+def _check_targets(n_target_classes, n_cls):
+  if not 1 <= n_target_classes <= n_cls - 1:
+    raise ValueError(f'n_target_classes must be in [1, {n_cls - 1}], got {n_target_classes}')
 
 
 @partial(jax.jit, static_argnames=('norm', 'n_iter', 'n_restarts', 'n_target_classes',
@@ -199,29 +232,37 @@ def fab_targeted_single_run(fn, x, y, y_target, keys, eps, rand_start, *, norm, 
 def fab_t_core(fn, x, y, keys, active, eps, *, norm, n_iter, n_restarts, n_target_classes,
                alpha_max, eta, beta):
   """Batched FAB-T on the points ``active`` and correctly classified; returns
-  ``(x_adv, robust)``."""
+  ``(x_adv, robust)``. Every run is computed on the whole batch (skipped only once
+  nothing is left): :func:`twins_jax.autoattack.autoattack` instead runs
+  :func:`fab_t_batch_step` on the points still robust, from the host."""
   logits0 = fn(x)
   acc = active & (jnp.argmax(logits0, -1) == y)
-  n_cls = logits0.shape[-1]
-  if not 1 <= n_target_classes <= n_cls - 1:
-    raise ValueError(f'n_target_classes must be in [1, {n_cls - 1}], got {n_target_classes}')
+  _check_targets(n_target_classes, logits0.shape[-1])
   order = jnp.argsort(logits0, axis=-1)
 
   def body(j, state):
     def run(state):
       adv, acc = state
-      tc = j // n_restarts + 2
-      counter = j % n_restarts
-      y_t = _take(order, jnp.broadcast_to(n_cls - tc, y.shape))
-      adv_curr = fab_targeted_single_run(
-          fn, x, y, y_t, fold_all(keys, j), eps, counter > 0, norm=norm, n_iter=n_iter,
-          alpha_max=alpha_max, eta=eta, beta=beta)
-      acc_curr = (jnp.argmax(fn(adv_curr), -1) == y) | (flat_norm(x - adv_curr, norm) > eps)
-      fooled = acc & ~acc_curr
+      y_t = target_labels(order, j, n_restarts)
+      adv_curr, fooled = fab_t_run(fn, x, y, y_t, keys, acc, eps, j, norm=norm,
+                                   n_iter=n_iter, n_restarts=n_restarts, alpha_max=alpha_max,
+                                   eta=eta, beta=beta)
       return where_ex(fooled, adv_curr, adv), acc & ~fooled
     return lax.cond(jnp.any(state[1]), run, lambda s: s, state)
 
   return lax.fori_loop(0, n_target_classes * n_restarts, body, (x, acc))
+
+
+@partial(jax.jit, static_argnames=('norm', 'alpha_max', 'eta', 'beta'))
+def fab_t_batch_step(fn, x, y, y_target, index, key, eps, j, rand_start, state, i, *, norm,
+                     alpha_max, eta, beta):
+  """:func:`fab_step` ``i`` of run ``j`` on one batch of the suite; ``i`` and ``j`` are
+  traced, so every target and iteration shares one compiled program per batch size.
+  Example keys are ``fold_in(key, index)``, folded with ``j``; ``y_target`` comes from
+  the suite's clean logits."""
+  keys = fold_all(example_keys(key, x.shape[0], index), j)
+  return fab_step(fn, x, y, y_target, keys, eps, rand_start, state, i, norm=norm,
+                  alpha_max=alpha_max, eta=eta, beta=beta)
 
 
 def fab_t(logits_fn: Callable, x, y, key, *, norm: str = 'Linf', eps: float,
