@@ -59,6 +59,19 @@ def dlr_targeted_loss(logits, y, y_target):
 _LOSS_FNS = {'ce': ce_loss, 'dlr': dlr_loss, 'dlr-targeted': dlr_targeted_loss}
 
 
+def _loss_fn(loss, n_cls):
+  """The loss by name, or for a traced index into :data:`LOSSES` a ``lax.switch`` over
+  them: APGD-CE and APGD-T then share one compiled program (their cost is the model's
+  forward and backward pass, the same for every loss). Losses that need more classes
+  than the model has are replaced by CE in the switch (never selected: the suite
+  checks the class count)."""
+  if isinstance(loss, str):
+    return _LOSS_FNS[loss]
+  need = {'ce': 1, 'dlr': 3, 'dlr-targeted': 4}
+  branches = [_LOSS_FNS[name] if n_cls >= need[name] else ce_loss for name in LOSSES]
+  return lambda logits, y, y_target: lax.switch(loss, branches, logits, y, y_target)
+
+
 def _project(x_new, x, eps, norm):
   if norm == 'Linf':
     return jnp.clip(jnp.clip(x_new, x - eps, x + eps), 0., 1.)
@@ -67,61 +80,78 @@ def _project(x_new, x, eps, norm):
   return jnp.clip(x + normalize(d, 'L2') * bcast(scale, d), 0., 1.)
 
 
-def apgd_single_run(fn, x, y, y_target, keys, eps, *, norm, loss, n_iter, rho):
-  """One run of APGD from a random start. Returns ``(x_best, acc, loss_best, x_best_adv)``.
+def apgd_empty_state(x, n_iter, xp=jnp):
+  """A placeholder for :func:`apgd_step`'s state before iteration -1 (which ignores it):
+  the right shapes and dtypes. ``xp``: ``jnp`` inside a trace, ``np`` on the host."""
+  n = x.shape[0]
+  vec = xp.zeros((n,), x.dtype)
+  flags = xp.zeros((n,), bool)
+  return dict(x_adv=x, x_adv_old=x, grad=x, x_best=x, grad_best=x, loss_best=vec,
+              x_best_adv=x, acc=flags, step=vec, loss_steps=xp.zeros((n, n_iter), x.dtype),
+              k=xp.int32(0), counter3=xp.int32(0), loss_best_last=vec, reduced_last=flags)
 
-  ``acc[i]`` is False iff some iterate (the start included) was misclassified;
-  ``x_best_adv`` is then the last such iterate, else the random start.
+
+def apgd_step(fn, x, y, y_target, keys, eps, state, i, *, norm, loss, n_iter, rho):
+  """Iteration ``i`` (traced) of an APGD run: ``i = -1`` evaluates the random start
+  (and ignores ``state``), ``i = 0 .. n_iter - 1`` take a step. Returns the new state.
+
+  One iteration per call lets the suite drive the loop from the host: XLA:CPU runs a
+  model's forward and backward pass inside a ``while`` loop about 1.6x slower than
+  the same computation as a program of its own (measured on a small ResNet), and the
+  iteration is nothing but that pass. ``loss``: a name from :data:`LOSSES` or a
+  traced index into it.
   """
   n = x.shape[0]
   n_iter_2 = max(int(0.22 * n_iter), 1)
   n_iter_min = max(int(0.06 * n_iter), 1)
   size_decr = max(int(0.03 * n_iter), 1)
-  loss_fn = _LOSS_FNS[loss]
+  first = i < 0
 
   def loss_and_grad(xa):
     def total(xa):
       logits = fn(xa)
-      li = loss_fn(logits, y, y_target)
+      li = _loss_fn(loss, logits.shape[-1])(logits, y, y_target)
       return li.sum(), (logits, li)
     (_, (logits, li)), g = jax.value_and_grad(total, has_aux=True)(xa)
     return logits, li, g
 
-  shape1 = x.shape[1:]
-  if norm == 'Linf':
-    t = uniform_per_example(keys, shape1, -1., 1.)
-  else:
-    t = normal_per_example(keys, shape1)
-  x_adv = jnp.clip(x + eps * normalize(t, norm), 0., 1.)
-
-  logits, li, grad = loss_and_grad(x_adv)
-  acc = jnp.argmax(logits, -1) == y
-  carry = dict(
-      x_adv=x_adv, x_adv_old=x_adv, grad=grad, x_best=x_adv, grad_best=grad,
-      loss_best=li, x_best_adv=x_adv, acc=acc,
-      step=jnp.full((n,), 2. * eps, x.dtype),
-      loss_steps=jnp.zeros((n_iter, n), x.dtype),
-      k=jnp.int32(n_iter_2), counter3=jnp.int32(0),
-      loss_best_last=li, reduced_last=jnp.ones((n,), bool))
-  cs = jnp.arange(n_iter)
-
-  def body(i, c):
-    x_adv, grad = c['x_adv'], c['grad']
-    grad2 = x_adv - c['x_adv_old']
-    a = jnp.where(i > 0, .75, 1.).astype(x.dtype)
-    step = bcast(c['step'], x)
+  def start():
     if norm == 'Linf':
-      z = _project(x_adv + step * jnp.sign(grad), x, eps, norm)
+      t = uniform_per_example(keys, x.shape[1:], -1., 1.)
     else:
-      z = _project(x_adv + step * normalize(grad, 'L2'), x, eps, norm)
-    z = _project(x_adv + (z - x_adv) * a + grad2 * (1. - a), x, eps, norm)
-    x_adv_old, x_adv = x_adv, z
+      t = normal_per_example(keys, x.shape[1:])
+    return jnp.clip(x + eps * normalize(t, norm), 0., 1.)
 
-    logits, li, grad = loss_and_grad(x_adv)
-    ok = jnp.argmax(logits, -1) == y
+  def move():
+    x_adv = state['x_adv']
+    grad2 = x_adv - state['x_adv_old']
+    a = jnp.where(i > 0, .75, 1.).astype(x.dtype)
+    step = bcast(state['step'], x)
+    if norm == 'Linf':
+      z = _project(x_adv + step * jnp.sign(state['grad']), x, eps, norm)
+    else:
+      z = _project(x_adv + step * normalize(state['grad'], 'L2'), x, eps, norm)
+    return _project(x_adv + (z - x_adv) * a + grad2 * (1. - a), x, eps, norm)
+
+  # One call site of the model's gradient for the start and the steps alike.
+  x_adv = lax.cond(first, start, move)
+  logits, li, grad = loss_and_grad(x_adv)
+  ok = jnp.argmax(logits, -1) == y
+
+  def init():
+    return dict(
+        x_adv=x_adv, x_adv_old=x_adv, grad=grad, x_best=x_adv, grad_best=grad,
+        loss_best=li, x_best_adv=x_adv, acc=ok,
+        step=jnp.full((n,), 2. * eps, x.dtype),
+        loss_steps=jnp.zeros((n, n_iter), x.dtype),
+        k=jnp.int32(n_iter_2), counter3=jnp.int32(0),
+        loss_best_last=li, reduced_last=jnp.ones((n,), bool))
+
+  def update():
+    c = state
     acc = c['acc'] & ok
     x_best_adv = where_ex(~ok, x_adv, c['x_best_adv'])
-    loss_steps = c['loss_steps'].at[i].set(li)
+    loss_steps = c['loss_steps'].at[:, i].set(li)  # (examples, iterations)
     imp = li > c['loss_best']
     x_best = where_ex(imp, x_adv, c['x_best'])
     grad_best = where_ex(imp, grad, c['grad_best'])
@@ -132,26 +162,63 @@ def apgd_single_run(fn, x, y, y_target, keys, eps, *, norm, loss, n_iter, rho):
     check = counter3 == k
     # Oscillation test over the last k steps; index -1 wraps to the last row,
     # exactly like the reference's Python indexing at the first checkpoint.
-    cur = loss_steps[(i - cs) % n_iter]
-    prev = loss_steps[(i - cs - 1) % n_iter]
-    n_incr = jnp.sum((cur > prev) & (cs < k)[:, None], axis=0)
+    cs = jnp.arange(n_iter)
+    cur = loss_steps[:, (i - cs) % n_iter]
+    prev = loss_steps[:, (i - cs - 1) % n_iter]
+    n_incr = jnp.sum((cur > prev) & (cs < k)[None, :], axis=1)
     fl = n_incr <= k * rho
     fl = fl | (~c['reduced_last'] & (c['loss_best_last'] >= loss_best))
     apply = check & fl
-    step_new = jnp.where(apply, c['step'] / 2., c['step'])
-    x_adv = where_ex(apply, x_best, x_adv)
-    grad = where_ex(apply, grad_best, grad)
     return dict(
-        x_adv=x_adv, x_adv_old=x_adv_old, grad=grad, x_best=x_best, grad_best=grad_best,
-        loss_best=loss_best, x_best_adv=x_best_adv, acc=acc, step=step_new,
-        loss_steps=loss_steps,
+        x_adv=where_ex(apply, x_best, x_adv), x_adv_old=c['x_adv'],
+        grad=where_ex(apply, grad_best, grad), x_best=x_best, grad_best=grad_best,
+        loss_best=loss_best, x_best_adv=x_best_adv, acc=acc,
+        step=jnp.where(apply, c['step'] / 2., c['step']), loss_steps=loss_steps,
         k=jnp.where(check, jnp.maximum(k - size_decr, n_iter_min), k),
         counter3=jnp.where(check, 0, counter3),
         loss_best_last=jnp.where(check, loss_best, c['loss_best_last']),
         reduced_last=jnp.where(check, fl, c['reduced_last']))
 
-  c = lax.fori_loop(0, n_iter, body, carry)
+  return lax.cond(first, init, update)
+
+
+def apgd_single_run(fn, x, y, y_target, keys, eps, *, norm, loss, n_iter, rho):
+  """One run of APGD from a random start. Returns ``(x_best, acc, loss_best, x_best_adv)``.
+
+  ``acc[i]`` is False iff some iterate (the start included) was misclassified;
+  ``x_best_adv`` is then the last such iterate, else the random start.
+  """
+  step = partial(apgd_step, fn, x, y, y_target, keys, eps, norm=norm, loss=loss,
+                 n_iter=n_iter, rho=rho)
+  c = lax.fori_loop(-1, n_iter, lambda i, c: step(c, i), apgd_empty_state(x, n_iter))
   return c['x_best'], c['acc'], c['loss_best'], c['x_best_adv']
+
+
+def apgd_run(fn, x, y, y_target, keys, acc, eps, j, *, norm, loss, n_iter, rho):
+  """Run ``j`` of APGD on the points ``acc`` (keys folded with ``j``). Returns
+  ``(adv, fooled)``; ``adv`` is the last misclassified iterate where ``fooled``."""
+  _, acc_run, _, adv_run = apgd_single_run(fn, x, y, y_target, fold_all(keys, j), eps,
+                                           norm=norm, loss=loss, n_iter=n_iter, rho=rho)
+  return adv_run, acc & ~acc_run
+
+
+def target_labels(order, j, n_restarts):
+  """APGD-T's / FAB-T's target of run ``j``: the class ranked ``j // n_restarts + 2`` by
+  the clean logits (``order``: their ascending argsort)."""
+  n_cls = order.shape[-1]
+  tc = j // n_restarts + 2
+  return jnp.take_along_axis(order, jnp.broadcast_to(n_cls - tc, order.shape[:1])[:, None],
+                             axis=-1)[:, 0]
+
+
+def _check_loss(loss, n_target_classes, n_cls):
+  if loss == 'dlr-targeted':
+    if not 1 <= n_target_classes <= n_cls - 1:
+      raise ValueError(f'n_target_classes must be in [1, {n_cls - 1}], got {n_target_classes}')
+    if n_cls < 4:
+      raise ValueError('the targeted DLR loss needs at least 4 classes')
+  if loss == 'dlr' and n_cls < 3:
+    raise ValueError('the DLR loss needs at least 3 classes')
 
 
 @partial(jax.jit, static_argnames=('norm', 'loss', 'n_iter', 'n_restarts', 'n_target_classes',
@@ -162,36 +229,41 @@ def apgd_core(fn, x, y, keys, active, eps, *, norm, loss, n_iter, n_restarts,
 
   Returns ``(x_adv, robust)``: ``robust`` is False for inactive, clean-misclassified
   and successfully attacked points; ``x_adv`` equals ``x`` where no adversarial point
-  was found.
+  was found. Every run is computed on the whole batch (skipped only once nothing is
+  left): :func:`twins_jax.autoattack.autoattack` instead runs :func:`apgd_batch_step` on
+  the points still robust.
   """
   logits0 = fn(x)
   acc = active & (jnp.argmax(logits0, -1) == y)
   targeted = loss == 'dlr-targeted'
-  n_cls = logits0.shape[-1]
-  if targeted and not 1 <= n_target_classes <= n_cls - 1:
-    raise ValueError(f'n_target_classes must be in [1, {n_cls - 1}], got {n_target_classes}')
-  if targeted and n_cls < 4:
-    raise ValueError('the targeted DLR loss needs at least 4 classes')
+  _check_loss(loss, n_target_classes, logits0.shape[-1])
   order = jnp.argsort(logits0, axis=-1)
   n_outer = n_target_classes if targeted else 1
 
   def body(j, state):
     def run(state):
       adv, acc = state
-      if targeted:
-        tc = j // n_restarts + 2
-        y_t = jnp.take_along_axis(order, jnp.broadcast_to(n_cls - tc, y.shape)[:, None],
-                                  axis=-1)[:, 0]
-      else:
-        y_t = y
-      _, acc_run, _, adv_run = apgd_single_run(
-          fn, x, y, y_t, fold_all(keys, j), eps, norm=norm, loss=loss, n_iter=n_iter, rho=rho)
-      fooled = acc & ~acc_run
+      y_t = target_labels(order, j, n_restarts) if targeted else y
+      adv_run, fooled = apgd_run(fn, x, y, y_t, keys, acc, eps, j, norm=norm, loss=loss,
+                                 n_iter=n_iter, rho=rho)
       return where_ex(fooled, adv_run, adv), acc & ~fooled
     return lax.cond(jnp.any(state[1]), run, lambda s: s, state)
 
   adv, acc = lax.fori_loop(0, n_outer * n_restarts, body, (x, acc))
   return adv, acc
+
+
+@partial(jax.jit, static_argnames=('norm', 'n_iter', 'rho'))
+def apgd_batch_step(fn, x, y, y_target, index, key, eps, j, loss_id, state, i, *, norm, n_iter,
+                    rho):
+  """:func:`apgd_step` ``i`` of run ``j`` with the loss ``LOSSES[loss_id]`` on one batch
+  of the suite. ``i``, ``j`` and ``loss_id`` are traced: APGD-CE and every target,
+  restart and iteration of APGD-T share one compiled program per batch size. Example
+  keys are ``fold_in(key, index)``, folded with ``j``. ``y_target`` comes from the
+  suite's clean logits, so there is no clean forward pass here."""
+  keys = fold_all(example_keys(key, x.shape[0], index), j)
+  return apgd_step(fn, x, y, y_target, keys, eps, state, i, norm=norm, loss=loss_id,
+                   n_iter=n_iter, rho=rho)
 
 
 def apgd(logits_fn: Callable, x, y, key, *, norm: str = 'Linf', eps: float,

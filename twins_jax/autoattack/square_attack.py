@@ -141,57 +141,62 @@ def _sign(u):
   return jnp.where(u >= .5, 1., -1.)
 
 
-def square_single_run(fn, x, y, keys, active, eps, *, norm, n_queries, p_init,
-                      rescale_schedule):
-  """One Square attack run; returns the best point found per example."""
-  n, h, w, c = x.shape
-  sides = jnp.asarray(window_sides(p_init, h, w, c, norm), jnp.int32)
+def _l2_eta_tables(p_init, h, w, c, dtype):
+  """Per schedule stage, the ``eta`` window pattern (and its transpose) in the top-left
+  corner of an ``(h, w)`` table."""
+  etas = np.zeros((N_STAGES, h, w))
+  etas_t = np.zeros((N_STAGES, h, w))
+  for k, s in enumerate(window_sides(p_init, h, w, c, 'L2')):
+    if s > min(h, w):
+      raise ValueError(f'Square L2 window side {s} exceeds the image size')
+    e = eta(s)
+    etas[k, :s, :s] = e
+    etas_t[k, :s, :s] = e.T
+  return jnp.asarray(etas, dtype), jnp.asarray(etas_t, dtype)
 
-  def margin_at(xx):
-    return margin(fn(xx), y)
 
-  # Keys: query i uses fold_in(key, i); the initialisation uses fold_in(key, n_queries).
-  # One uniform draw per example and query feeds every random choice (few PRNG call
-  # sites keep the compile time down).
+def _start_point(x, keys, eps, *, norm, n_queries):
+  """The starting point of a run: vertical stripes (Linf) or the grid of ``eta``
+  windows (L2). Its keys are ``fold_in(key, n_queries)`` (query ``i`` uses
+  ``fold_in(key, i)``). One uniform draw per example and query feeds every random
+  choice (few PRNG call sites keep the compile time down)."""
+  _, h, w, c = x.shape
   init_keys = fold_all(keys, n_queries)
   if norm == 'Linf':
     stripes = _sign(uniform_per_example(init_keys, (1, w, c)))
-    x_best = jnp.clip(x + eps * stripes, 0., 1.)
-  else:
-    win, val, val_t, n_win = _l2_init_layout(h, w)
+    return jnp.clip(x + eps * stripes, 0., 1.)
+  win, val, val_t, n_win = _l2_init_layout(h, w)
 
-    def init_delta(u):
-      signs = _sign(u[:, :c])
-      trans = u[:, c] > .5
-      wid = jnp.asarray(win)
-      widc = jnp.clip(wid, 0, n_win - 1)
-      v = jnp.where(trans[widc], jnp.asarray(val_t, x.dtype), jnp.asarray(val, x.dtype))
-      v = jnp.where(wid >= 0, v, 0.)
-      return v[:, :, None] * signs[widc]
+  def init_delta(u):
+    signs = _sign(u[:, :c])
+    trans = u[:, c] > .5
+    wid = jnp.asarray(win)
+    widc = jnp.clip(wid, 0, n_win - 1)
+    v = jnp.where(trans[widc], jnp.asarray(val_t, x.dtype), jnp.asarray(val, x.dtype))
+    v = jnp.where(wid >= 0, v, 0.)
+    return v[:, :, None] * signs[widc]
 
-    delta = jax.vmap(init_delta)(uniform_per_example(init_keys, (n_win, c + 1)))
-    x_best = jnp.clip(x + normalize(delta, 'L2') * eps, 0., 1.)
-    etas = np.zeros((N_STAGES, h, w))
-    etas_t = np.zeros((N_STAGES, h, w))
-    for k, s in enumerate(window_sides(p_init, h, w, c, norm)):
-      if s > min(h, w):
-        raise ValueError(f'Square L2 window side {s} exceeds the image size')
-      e = eta(s)
-      etas[k, :s, :s] = e
-      etas_t[k, :s, :s] = e.T
-    etas = jnp.asarray(etas, x.dtype)
-    etas_t = jnp.asarray(etas_t, x.dtype)
+  delta = jax.vmap(init_delta)(uniform_per_example(init_keys, (n_win, c + 1)))
+  return jnp.clip(x + normalize(delta, 'L2') * eps, 0., 1.)
 
-  m0 = margin_at(x_best)
-  margin_min = jnp.where(active, m0, -1.)
-  loss_min = margin_min
 
-  def cond(c_):
-    i, _, margin_min, _ = c_
-    return (i < n_queries) & jnp.any(margin_min > 0)
+def square_queries(fn, x, y, keys, active, eps, state, start, stop, *, norm, n_queries,
+                   p_init, rescale_schedule):
+  """Queries ``start .. stop - 1`` (traced) of a run; stops early once no example is
+  left to fool. ``state = (x_best, margin_min, loss_min)``.
 
-  def body(c_):
-    i, x_best, margin_min, loss_min = c_
+  Query -1 is the starting point: from ``start = -1`` the state passed in is ignored
+  and every example starts there (inactive ones with margin -1, never queried). The
+  start shares the loop's forward pass, so the model is compiled once. Only examples
+  with a positive margin are queried, so a run can be split into query ranges and the
+  examples already fooled dropped in between without changing anyone's result.
+  """
+  n, h, w, c = x.shape
+  sides = jnp.asarray(window_sides(p_init, h, w, c, norm), jnp.int32)
+  if norm == 'L2':
+    etas, etas_t = _l2_eta_tables(p_init, h, w, c, x.dtype)
+
+  def query(i, x_best):
     stage = p_stage(i, n_queries, rescale_schedule)
     s = sides[stage]
     u = uniform_per_example(fold_all(keys, i), (5 + c,))
@@ -203,37 +208,56 @@ def square_single_run(fn, x, y, keys, active, eps, *, norm, n_queries, p_init,
     if norm == 'Linf':
       m1 = _window_mask(h, w, vh, vw, jnp.broadcast_to(s, (n,)))
       x_new = x_best + jnp.where(m1, 2. * eps * sgn, 0.)
-      x_new = jnp.clip(jnp.clip(x_new, x - eps, x + eps), 0., 1.)
-    else:
-      vh2 = (u[:, 2] * (h - s)).astype(jnp.int32)
-      vw2 = (u[:, 3] * (w - s)).astype(jnp.int32)
-      ss = jnp.broadcast_to(s, (n,))
-      m1 = _window_mask(h, w, vh, vw, ss).astype(x.dtype)
-      m2 = _window_mask(h, w, vh2, vw2, ss).astype(x.dtype)
-      delta = x_best - x
-      sp_axes = (1, 2)
-      norms_window_1 = jnp.sqrt(jnp.sum((delta * m1) ** 2, sp_axes, keepdims=True))
-      norms_image = bcast(flat_norm(delta, 'L2'), x)
-      norms_windows = bcast(flat_norm(delta * jnp.maximum(m1, m2), 'L2'), x)
-      table = jnp.where((u[:, 4] > .5)[:, None, None], etas_t[stage], etas[stage])
-      e = _place(table, vh, vw)[..., None]
-      new = e * sgn + delta * m1 / (TINY + norms_window_1)
-      new = new / (TINY + jnp.sqrt(jnp.sum(new ** 2, sp_axes, keepdims=True))) * jnp.sqrt(
-          jnp.maximum(eps ** 2 - norms_image ** 2, 0.) / c + norms_windows ** 2)
-      delta = delta * (1. - m2) * (1. - m1) + new * m1
-      x_new = jnp.clip(x + normalize(delta, 'L2') * eps, 0., 1.)
+      return jnp.clip(jnp.clip(x_new, x - eps, x + eps), 0., 1.)
+    vh2 = (u[:, 2] * (h - s)).astype(jnp.int32)
+    vw2 = (u[:, 3] * (w - s)).astype(jnp.int32)
+    ss = jnp.broadcast_to(s, (n,))
+    m1 = _window_mask(h, w, vh, vw, ss).astype(x.dtype)
+    m2 = _window_mask(h, w, vh2, vw2, ss).astype(x.dtype)
+    delta = x_best - x
+    sp_axes = (1, 2)
+    norms_window_1 = jnp.sqrt(jnp.sum((delta * m1) ** 2, sp_axes, keepdims=True))
+    norms_image = bcast(flat_norm(delta, 'L2'), x)
+    norms_windows = bcast(flat_norm(delta * jnp.maximum(m1, m2), 'L2'), x)
+    table = jnp.where((u[:, 4] > .5)[:, None, None], etas_t[stage], etas[stage])
+    e = _place(table, vh, vw)[..., None]
+    new = e * sgn + delta * m1 / (TINY + norms_window_1)
+    new = new / (TINY + jnp.sqrt(jnp.sum(new ** 2, sp_axes, keepdims=True))) * jnp.sqrt(
+        jnp.maximum(eps ** 2 - norms_image ** 2, 0.) / c + norms_windows ** 2)
+    delta = delta * (1. - m2) * (1. - m1) + new * m1
+    return jnp.clip(x + normalize(delta, 'L2') * eps, 0., 1.)
 
-    m = margin_at(x_new)
+  def cond(c_):
+    i, _, margin_min, _ = c_
+    return (i < stop) & ((i < 0) | jnp.any(margin_min > 0))
+
+  def body(c_):
+    i, x_best, margin_min, loss_min = c_
+    first = i < 0
+    x_new = lax.cond(first, lambda: _start_point(x, keys, eps, norm=norm, n_queries=n_queries),
+                     lambda: query(i, x_best))
+    m = margin(fn(x_new), y)
     live = margin_min > 0
     improved = m < loss_min
-    loss_min = jnp.where(live & improved, m, loss_min)
     take = live & (improved | (m <= 0))
-    margin_min = jnp.where(take, m, margin_min)
-    x_best = where_ex(take, x_new, x_best)
+    m_start = jnp.where(active, m, -1.)
+    loss_min = jnp.where(first, m_start, jnp.where(live & improved, m, loss_min))
+    margin_min = jnp.where(first, m_start, jnp.where(take, m, margin_min))
+    x_best = where_ex(first | take, x_new, x_best)
     return i + 1, x_best, margin_min, loss_min
 
-  _, x_best, _, _ = lax.while_loop(cond, body, (jnp.int32(0), x_best, margin_min, loss_min))
-  return x_best
+  _, *state = lax.while_loop(cond, body, (jnp.asarray(start, jnp.int32), *state))
+  return tuple(state)
+
+
+def square_single_run(fn, x, y, keys, active, eps, *, norm, n_queries, p_init,
+                      rescale_schedule):
+  """One Square attack run; returns the best point found per example."""
+  zeros = jnp.zeros(x.shape[:1], x.dtype)
+  state = square_queries(fn, x, y, keys, active, eps, (x, zeros, zeros), -1, n_queries,
+                         norm=norm, n_queries=n_queries, p_init=p_init,
+                         rescale_schedule=rescale_schedule)
+  return state[0]
 
 
 @partial(jax.jit, static_argnames=('norm', 'n_queries', 'n_restarts', 'p_init',
@@ -241,7 +265,8 @@ def square_single_run(fn, x, y, keys, active, eps, *, norm, n_queries, p_init,
 def square_core(fn, x, y, keys, active, eps, *, norm, n_queries, n_restarts, p_init,
                 rescale_schedule):
   """Batched Square attack on the points ``active`` and correctly classified; returns
-  ``(x_adv, robust)``."""
+  ``(x_adv, robust)``. :func:`twins_jax.autoattack.autoattack` instead runs
+  :func:`square_batch` on the points left."""
   acc = active & (jnp.argmax(fn(x), -1) == y)
 
   def body(j, state):
@@ -255,6 +280,19 @@ def square_core(fn, x, y, keys, active, eps, *, norm, n_queries, n_restarts, p_i
     return lax.cond(jnp.any(state[1]), run, lambda s: s, state)
 
   return lax.fori_loop(0, n_restarts, body, (x, acc))
+
+
+@partial(jax.jit, static_argnames=('norm', 'n_queries', 'p_init', 'rescale_schedule'))
+def square_batch(fn, x, y, index, active, x_best, margin_min, loss_min, key, eps, j, start,
+                 stop, *, norm, n_queries, p_init, rescale_schedule):
+  """:func:`square_queries` of run ``j`` on one batch of the suite (example keys
+  ``fold_in(key, index)``, then ``j``); ``start``/``stop`` are traced, so every query
+  range, the starting point (``start = -1``) included, shares one compiled program
+  per batch size."""
+  keys = fold_all(example_keys(key, x.shape[0], index), j)
+  return square_queries(fn, x, y, keys, active, eps, (x_best, margin_min, loss_min), start,
+                        stop, norm=norm, n_queries=n_queries, p_init=p_init,
+                        rescale_schedule=rescale_schedule)
 
 
 def square(logits_fn: Callable, x, y, key, *, norm: str = 'Linf', eps: float,
