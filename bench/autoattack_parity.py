@@ -82,8 +82,7 @@ def _pgd(apply, params, x, y, key, eps, steps):
   return jax.lax.fori_loop(0, steps, body, xa)
 
 
-def train(x, y, *, eps=0.15, epochs=40, pgd_steps=7, batch=128, lr=2e-3, seed=0,
-          hidden=HIDDEN):
+def train(x, y, *, eps=0.15, epochs=40, pgd_steps=7, batch=128, lr=2e-3, seed=0, hidden=HIDDEN):
   """PGD adversarial training (eps=0: standard training). Returns (model, params)."""
   model = MLP(hidden=hidden)
   key = jax.random.PRNGKey(seed)
@@ -119,6 +118,7 @@ def logits_fn_for(model, params):
 
 
 # ----------------------------------------------------------------------------- torch side
+
 
 def _import_torchattacks():
   try:
@@ -169,17 +169,16 @@ def torch_attacks(model, norm, eps, n_queries, n_target_classes=9, seed=0):
   ta = _import_torchattacks()
   n_cls = n_target_classes + 1
   attacks = {
-      'APGD-CE': ta.APGD(model, norm=norm, eps=eps, steps=100, n_restarts=1, loss='ce',
-                         seed=seed, rho=.75),
+      'APGD-CE': ta.APGD(model, norm=norm, eps=eps, steps=100, n_restarts=1, loss='ce', seed=seed,
+                         rho=.75),
       'APGD-T': ta.APGDT(model, norm=norm, eps=eps, steps=100, n_restarts=1, seed=seed, rho=.75,
                          n_classes=n_cls),
-      'FAB-T': ta.FAB(model, norm=norm, eps=eps, steps=100, n_restarts=1, alpha_max=.1,
-                      eta=1.05, beta=.9, seed=seed, multi_targeted=True, n_classes=n_cls),
-      'Square': ta.Square(model, norm=norm, eps=eps, n_queries=n_queries, n_restarts=1,
-                          p_init=.8, loss='margin', resc_schedule=False, seed=seed),
+      'FAB-T': ta.FAB(model, norm=norm, eps=eps, steps=100, n_restarts=1, alpha_max=.1, eta=1.05,
+                      beta=.9, seed=seed, multi_targeted=True, n_classes=n_cls),
+      'Square': ta.Square(model, norm=norm, eps=eps, n_queries=n_queries, n_restarts=1, p_init=.8,
+                          loss='margin', resc_schedule=False, seed=seed),
   }
-  suite = ta.AutoAttack(model, norm=norm, eps=eps, version='standard', n_classes=n_cls,
-                        seed=seed)
+  suite = ta.AutoAttack(model, norm=norm, eps=eps, version='standard', n_classes=n_cls, seed=seed)
   for atk in suite._autoattack.attacks:
     name = type(atk).__name__
     if name in ('APGD', 'APGDT', 'FAB'):
@@ -192,6 +191,7 @@ def torch_attacks(model, norm, eps, n_queries, n_target_classes=9, seed=0):
 
 
 # ----------------------------------------------------------------------------- comparison
+
 
 def run_parity(*, n_test=500, eps=0.2, norm='Linf', n_queries=5000, n_target_classes=9,
                square_seeds=1, square_on_all=False, train_eps=0.15, epochs=40, seed=0,
@@ -216,7 +216,8 @@ def run_parity(*, n_test=500, eps=0.2, norm='Linf', n_queries=5000, n_target_cla
 
   def data(all_points):
     xs, ys = (np.concatenate([xtr, xte]), np.concatenate([ytr, yte])) if all_points else (xte, yte)
-    return (jnp.asarray(xs), jnp.asarray(ys), torch.from_numpy(np.transpose(xs, (0, 3, 1, 2)).copy()),
+    return (jnp.asarray(xs), jnp.asarray(ys),
+            torch.from_numpy(np.transpose(xs, (0, 3, 1, 2)).copy()),
             torch.from_numpy(ys.astype(np.int64)))
 
   x, y, xt, yt = data(False)
@@ -256,8 +257,9 @@ def run_parity(*, n_test=500, eps=0.2, norm='Linf', n_queries=5000, n_target_cla
         jax.block_until_ready(our_attack(name, x, y, jax.random.PRNGKey(s + 1000)))
         t_warm = time.time() - t
       a_ours.append(100. * float(jnp.mean(jnp.argmax(fn(xa), -1) == y)))
-      pert = np.asarray(jnp.max(jnp.abs(xa - x), axis=(1, 2, 3)) if norm == 'Linf' else
-                        jnp.sqrt(jnp.sum((xa - x) ** 2, axis=(1, 2, 3))))
+      pert = np.asarray(
+          jnp.max(jnp.abs(xa - x), axis=(
+              1, 2, 3)) if norm == 'Linf' else jnp.sqrt(jnp.sum((xa - x)**2, axis=(1, 2, 3))))
       assert pert.max() <= eps + 1e-5 and float(xa.min()) >= 0 and float(xa.max()) <= 1, name
       atk = torch_attacks(tm, norm, eps, n_queries, n_target_classes, seed=s)[name]
       t = time.time()
@@ -267,9 +269,8 @@ def run_parity(*, n_test=500, eps=0.2, norm='Linf', n_queries=5000, n_target_cla
         a_theirs.append(100. * float((tm(xt_adv).argmax(1) == yt).float().mean()))
     row = dict(attack=name + (f' (mean of {len(seeds)} seeds)' if len(seeds) > 1 else ''),
                ours=float(np.mean(a_ours)), theirs=float(np.mean(a_theirs)),
-               diff=float(np.mean(a_ours) - np.mean(a_theirs)), t_ours=t_first,
-               t_ours_warm=t_warm, t_theirs=t_theirs, n=len(y), ours_all=a_ours,
-               theirs_all=a_theirs)
+               diff=float(np.mean(a_ours) - np.mean(a_theirs)), t_ours=t_first, t_ours_warm=t_warm,
+               t_theirs=t_theirs, n=len(y), ours_all=a_ours, theirs_all=a_theirs)
     rows.append(row)
     if verbose:
       print(f'  {row["attack"]}: ours {a_ours} theirs {a_theirs}', flush=True)

@@ -188,6 +188,7 @@ def test_compile_time_does_not_grow_with_iterations():
 
 # ----------------------------------------------------------------------------- batching
 
+
 def _projection_linf_sorted(t, w, b):
   """The reference's ``projection_linf`` (fab_projections.py), sort and binary search,
   in NumPy float64."""
@@ -310,14 +311,12 @@ def test_suite_chunk_equals_whole(setup):
   xa, r, _ = aa.autoattack(fn, x, y, key, batch_size=N, **SUITE_KW)
   xa, r = np.asarray(xa), np.asarray(r)
   lo, hi = 13, 41
-  xc, rc, _ = aa.autoattack(fn, x[lo:hi], y[lo:hi], key, batch_size=N, index_offset=lo,
-                            **SUITE_KW)
+  xc, rc, _ = aa.autoattack(fn, x[lo:hi], y[lo:hi], key, batch_size=N, index_offset=lo, **SUITE_KW)
   np.testing.assert_array_equal(np.asarray(rc), r[lo:hi])
   np.testing.assert_allclose(np.asarray(xc), xa[lo:hi], atol=1e-6)
   # Any order, any subset, given the global indices.
   sel = np.random.default_rng(1).permutation(N)[:20]
-  xs, rs, _ = aa.autoattack(fn, x[sel], y[sel], key, batch_size=N, global_index=sel,
-                            **SUITE_KW)
+  xs, rs, _ = aa.autoattack(fn, x[sel], y[sel], key, batch_size=N, global_index=sel, **SUITE_KW)
   np.testing.assert_array_equal(np.asarray(rs), r[sel])
   np.testing.assert_allclose(np.asarray(xs), xa[sel], atol=1e-6)
   assert r.any() and (~r).any()

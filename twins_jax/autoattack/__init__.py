@@ -18,7 +18,17 @@ from .square_attack import square, square_with_robust
 from .suite import autoattack
 
 __all__ = [
-    'apgd', 'apgd_t', 'apgd_with_robust', 'fab_t', 'fab_t_with_robust', 'square',
-    'square_with_robust', 'autoattack', 'ce_loss', 'dlr_loss', 'dlr_targeted_loss',
-    'projection_linf', 'projection_l2',
+    'apgd',
+    'apgd_t',
+    'apgd_with_robust',
+    'fab_t',
+    'fab_t_with_robust',
+    'square',
+    'square_with_robust',
+    'autoattack',
+    'ce_loss',
+    'dlr_loss',
+    'dlr_targeted_loss',
+    'projection_linf',
+    'projection_l2',
 ]

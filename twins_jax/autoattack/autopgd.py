@@ -86,9 +86,9 @@ def apgd_empty_state(x, n_iter, xp=jnp):
   n = x.shape[0]
   vec = xp.zeros((n,), x.dtype)
   flags = xp.zeros((n,), bool)
-  return dict(x_adv=x, x_adv_old=x, grad=x, x_best=x, grad_best=x, loss_best=vec,
-              x_best_adv=x, acc=flags, step=vec, loss_steps=xp.zeros((n, n_iter), x.dtype),
-              k=xp.int32(0), counter3=xp.int32(0), loss_best_last=vec, reduced_last=flags)
+  return dict(x_adv=x, x_adv_old=x, grad=x, x_best=x, grad_best=x, loss_best=vec, x_best_adv=x,
+              acc=flags, step=vec, loss_steps=xp.zeros((n, n_iter), x.dtype), k=xp.int32(0),
+              counter3=xp.int32(0), loss_best_last=vec, reduced_last=flags)
 
 
 def apgd_step(fn, x, y, y_target, keys, eps, state, i, *, norm, loss, n_iter, rho):
@@ -108,10 +108,12 @@ def apgd_step(fn, x, y, y_target, keys, eps, state, i, *, norm, loss, n_iter, rh
   first = i < 0
 
   def loss_and_grad(xa):
+
     def total(xa):
       logits = fn(xa)
       li = _loss_fn(loss, logits.shape[-1])(logits, y, y_target)
       return li.sum(), (logits, li)
+
     (_, (logits, li)), g = jax.value_and_grad(total, has_aux=True)(xa)
     return logits, li, g
 
@@ -139,13 +141,11 @@ def apgd_step(fn, x, y, y_target, keys, eps, state, i, *, norm, loss, n_iter, rh
   ok = jnp.argmax(logits, -1) == y
 
   def init():
-    return dict(
-        x_adv=x_adv, x_adv_old=x_adv, grad=grad, x_best=x_adv, grad_best=grad,
-        loss_best=li, x_best_adv=x_adv, acc=ok,
-        step=jnp.full((n,), 2. * eps, x.dtype),
-        loss_steps=jnp.zeros((n, n_iter), x.dtype),
-        k=jnp.int32(n_iter_2), counter3=jnp.int32(0),
-        loss_best_last=li, reduced_last=jnp.ones((n,), bool))
+    return dict(x_adv=x_adv, x_adv_old=x_adv, grad=grad, x_best=x_adv, grad_best=grad, loss_best=li,
+                x_best_adv=x_adv, acc=ok, step=jnp.full(
+                    (n,), 2. * eps, x.dtype), loss_steps=jnp.zeros(
+                        (n, n_iter), x.dtype), k=jnp.int32(n_iter_2), counter3=jnp.int32(0),
+                loss_best_last=li, reduced_last=jnp.ones((n,), bool))
 
   def update():
     c = state
@@ -169,15 +169,14 @@ def apgd_step(fn, x, y, y_target, keys, eps, state, i, *, norm, loss, n_iter, rh
     fl = n_incr <= k * rho
     fl = fl | (~c['reduced_last'] & (c['loss_best_last'] >= loss_best))
     apply = check & fl
-    return dict(
-        x_adv=where_ex(apply, x_best, x_adv), x_adv_old=c['x_adv'],
-        grad=where_ex(apply, grad_best, grad), x_best=x_best, grad_best=grad_best,
-        loss_best=loss_best, x_best_adv=x_best_adv, acc=acc,
-        step=jnp.where(apply, c['step'] / 2., c['step']), loss_steps=loss_steps,
-        k=jnp.where(check, jnp.maximum(k - size_decr, n_iter_min), k),
-        counter3=jnp.where(check, 0, counter3),
-        loss_best_last=jnp.where(check, loss_best, c['loss_best_last']),
-        reduced_last=jnp.where(check, fl, c['reduced_last']))
+    return dict(x_adv=where_ex(apply, x_best,
+                               x_adv), x_adv_old=c['x_adv'], grad=where_ex(apply, grad_best, grad),
+                x_best=x_best, grad_best=grad_best, loss_best=loss_best, x_best_adv=x_best_adv,
+                acc=acc, step=jnp.where(apply, c['step'] / 2., c['step']), loss_steps=loss_steps,
+                k=jnp.where(check, jnp.maximum(k - size_decr, n_iter_min),
+                            k), counter3=jnp.where(check, 0, counter3),
+                loss_best_last=jnp.where(check, loss_best, c['loss_best_last']),
+                reduced_last=jnp.where(check, fl, c['reduced_last']))
 
   return lax.cond(first, init, update)
 
@@ -188,8 +187,8 @@ def apgd_single_run(fn, x, y, y_target, keys, eps, *, norm, loss, n_iter, rho):
   ``acc[i]`` is False iff some iterate (the start included) was misclassified;
   ``x_best_adv`` is then the last such iterate, else the random start.
   """
-  step = partial(apgd_step, fn, x, y, y_target, keys, eps, norm=norm, loss=loss,
-                 n_iter=n_iter, rho=rho)
+  step = partial(apgd_step, fn, x, y, y_target, keys, eps, norm=norm, loss=loss, n_iter=n_iter,
+                 rho=rho)
   c = lax.fori_loop(-1, n_iter, lambda i, c: step(c, i), apgd_empty_state(x, n_iter))
   return c['x_best'], c['acc'], c['loss_best'], c['x_best_adv']
 
@@ -197,8 +196,8 @@ def apgd_single_run(fn, x, y, y_target, keys, eps, *, norm, loss, n_iter, rho):
 def apgd_run(fn, x, y, y_target, keys, acc, eps, j, *, norm, loss, n_iter, rho):
   """Run ``j`` of APGD on the points ``acc`` (keys folded with ``j``). Returns
   ``(adv, fooled)``; ``adv`` is the last misclassified iterate where ``fooled``."""
-  _, acc_run, _, adv_run = apgd_single_run(fn, x, y, y_target, fold_all(keys, j), eps,
-                                           norm=norm, loss=loss, n_iter=n_iter, rho=rho)
+  _, acc_run, _, adv_run = apgd_single_run(fn, x, y, y_target, fold_all(keys, j), eps, norm=norm,
+                                           loss=loss, n_iter=n_iter, rho=rho)
   return adv_run, acc & ~acc_run
 
 
@@ -207,8 +206,8 @@ def target_labels(order, j, n_restarts):
   the clean logits (``order``: their ascending argsort)."""
   n_cls = order.shape[-1]
   tc = j // n_restarts + 2
-  return jnp.take_along_axis(order, jnp.broadcast_to(n_cls - tc, order.shape[:1])[:, None],
-                             axis=-1)[:, 0]
+  return jnp.take_along_axis(order,
+                             jnp.broadcast_to(n_cls - tc, order.shape[:1])[:, None], axis=-1)[:, 0]
 
 
 def _check_loss(loss, n_target_classes, n_cls):
@@ -221,10 +220,10 @@ def _check_loss(loss, n_target_classes, n_cls):
     raise ValueError('the DLR loss needs at least 3 classes')
 
 
-@partial(jax.jit, static_argnames=('norm', 'loss', 'n_iter', 'n_restarts', 'n_target_classes',
-                                   'rho'))
-def apgd_core(fn, x, y, keys, active, eps, *, norm, loss, n_iter, n_restarts,
-              n_target_classes, rho):
+@partial(jax.jit,
+         static_argnames=('norm', 'loss', 'n_iter', 'n_restarts', 'n_target_classes', 'rho'))
+def apgd_core(fn, x, y, keys, active, eps, *, norm, loss, n_iter, n_restarts, n_target_classes,
+              rho):
   """Batched APGD on the points ``active`` and correctly classified.
 
   Returns ``(x_adv, robust)``: ``robust`` is False for inactive, clean-misclassified
@@ -241,12 +240,14 @@ def apgd_core(fn, x, y, keys, active, eps, *, norm, loss, n_iter, n_restarts,
   n_outer = n_target_classes if targeted else 1
 
   def body(j, state):
+
     def run(state):
       adv, acc = state
       y_t = target_labels(order, j, n_restarts) if targeted else y
       adv_run, fooled = apgd_run(fn, x, y, y_t, keys, acc, eps, j, norm=norm, loss=loss,
                                  n_iter=n_iter, rho=rho)
       return where_ex(fooled, adv_run, adv), acc & ~fooled
+
     return lax.cond(jnp.any(state[1]), run, lambda s: s, state)
 
   adv, acc = lax.fori_loop(0, n_outer * n_restarts, body, (x, acc))
@@ -262,13 +263,13 @@ def apgd_batch_step(fn, x, y, y_target, index, key, eps, j, loss_id, state, i, *
   keys are ``fold_in(key, index)``, folded with ``j``. ``y_target`` comes from the
   suite's clean logits, so there is no clean forward pass here."""
   keys = fold_all(example_keys(key, x.shape[0], index), j)
-  return apgd_step(fn, x, y, y_target, keys, eps, state, i, norm=norm, loss=loss_id,
-                   n_iter=n_iter, rho=rho)
+  return apgd_step(fn, x, y, y_target, keys, eps, state, i, norm=norm, loss=loss_id, n_iter=n_iter,
+                   rho=rho)
 
 
-def apgd(logits_fn: Callable, x, y, key, *, norm: str = 'Linf', eps: float,
-         loss: str = 'ce', n_iter: int = 100, n_restarts: int = 1,
-         n_target_classes: int = 9, rho: float = .75, active=None):
+def apgd(logits_fn: Callable, x, y, key, *, norm: str = 'Linf', eps: float, loss: str = 'ce',
+         n_iter: int = 100, n_restarts: int = 1, n_target_classes: int = 9, rho: float = .75,
+         active=None):
   """APGD (``loss='ce'`` or ``'dlr'``) or APGD-T (``loss='dlr-targeted'``).
 
   Args:
@@ -291,8 +292,8 @@ def apgd(logits_fn: Callable, x, y, key, *, norm: str = 'Linf', eps: float,
                           active=active)[0]
 
 
-def apgd_with_robust(logits_fn, x, y, key, *, norm='Linf', eps, loss='ce', n_iter=100,
-                     n_restarts=1, n_target_classes=9, rho=.75, active=None):
+def apgd_with_robust(logits_fn, x, y, key, *, norm='Linf', eps, loss='ce', n_iter=100, n_restarts=1,
+                     n_target_classes=9, rho=.75, active=None):
   """Like :func:`apgd` but returns ``(x_adv, robust_mask)``."""
   check_norm(norm)
   if loss not in LOSSES:
@@ -303,15 +304,13 @@ def apgd_with_robust(logits_fn, x, y, key, *, norm='Linf', eps, loss='ce', n_ite
   active = jnp.ones((n,), bool) if active is None else jnp.asarray(active, bool)
   if loss != 'dlr-targeted':
     n_target_classes = 1  # unused; keeps the jit cache key canonical
-  return apgd_core(as_partial(logits_fn), x, y, example_keys(key, n), active,
-                   jnp.float32(eps), norm=norm, loss=loss, n_iter=int(n_iter),
-                   n_restarts=int(n_restarts), n_target_classes=int(n_target_classes),
-                   rho=float(rho))
+  return apgd_core(as_partial(logits_fn), x, y, example_keys(key, n), active, jnp.float32(eps),
+                   norm=norm, loss=loss, n_iter=int(n_iter), n_restarts=int(n_restarts),
+                   n_target_classes=int(n_target_classes), rho=float(rho))
 
 
-def apgd_t(logits_fn: Callable, x, y, key, *, norm: str = 'Linf', eps: float,
-           n_iter: int = 100, n_restarts: int = 1, n_target_classes: int = 9,
-           rho: float = .75, active=None):
+def apgd_t(logits_fn: Callable, x, y, key, *, norm: str = 'Linf', eps: float, n_iter: int = 100,
+           n_restarts: int = 1, n_target_classes: int = 9, rho: float = .75, active=None):
   """APGD-T: APGD on the targeted DLR loss, for the 2nd .. (n_target_classes+1)-th
   most likely classes in turn (each only on points still robust)."""
   return apgd(logits_fn, x, y, key, norm=norm, eps=eps, loss='dlr-targeted', n_iter=n_iter,

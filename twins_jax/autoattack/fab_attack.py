@@ -118,7 +118,7 @@ def projection_l2(t, w, b):
   rs2 = jnp.concatenate([rs[:, 1:], jnp.zeros((n_rows, 1), w.dtype)], 1)
   rs = jnp.where(rs == big, 0., rs)
   rs2 = jnp.where(rs2 == big, 0., rs2)
-  w3s = jnp.take_along_axis(w ** 2, indr, 1)
+  w3s = jnp.take_along_axis(w**2, indr, 1)
   w5 = jnp.sum(w3s, 1, keepdims=True)
   ws = w5 - jnp.cumsum(w3s, 1)
   d = -(r * w) * (~small).astype(w.dtype)
@@ -152,8 +152,7 @@ def fab_empty_state(x, xp=jnp):
   return x, x, xp.full(x.shape[:1], 1e10, x.dtype)
 
 
-def fab_step(fn, x, y, y_target, keys, eps, rand_start, state, i, *, norm, alpha_max, eta,
-             beta):
+def fab_step(fn, x, y, y_target, keys, eps, rand_start, state, i, *, norm, alpha_max, eta, beta):
   """Iteration ``i`` (traced) of a targeted FAB run; ``i = 0`` starts the run (from a
   random point at distance ``eps / 2`` if ``rand_start``) and ignores ``state``.
   ``state = (x1, adv, res2)``: the iterate, the closest adversarial point found (the
@@ -199,8 +198,8 @@ def fab_step(fn, x, y, y_target, keys, eps, rand_start, state, i, *, norm, alpha
   return x1, adv, res2
 
 
-def fab_targeted_single_run(fn, x, y, y_target, keys, eps, rand_start, *, norm, n_iter,
-                            alpha_max, eta, beta):
+def fab_targeted_single_run(fn, x, y, y_target, keys, eps, rand_start, *, norm, n_iter, alpha_max,
+                            eta, beta):
   """One targeted FAB run. Returns ``(adv, res2)``: the closest adversarial point
   found (the clean image where none was found) and its distance (1e10 where none; it
   was misclassified when it was recorded, so no forward pass is needed to check it)."""
@@ -210,15 +209,15 @@ def fab_targeted_single_run(fn, x, y, y_target, keys, eps, rand_start, *, norm, 
   return adv, res2
 
 
-def fab_t_run(fn, x, y, y_target, keys, acc, eps, j, *, norm, n_iter, n_restarts, alpha_max,
-              eta, beta):
+def fab_t_run(fn, x, y, y_target, keys, acc, eps, j, *, norm, n_iter, n_restarts, alpha_max, eta,
+              beta):
   """Run ``j`` of FAB-T against ``y_target``, from a random start unless it is the
   target's first restart (``j % n_restarts == 0``). Returns ``(adv, fooled)``:
   ``fooled`` only among ``acc``, and only where the adversarial point lies within
   ``eps``."""
-  adv, res2 = fab_targeted_single_run(fn, x, y, y_target, fold_all(keys, j), eps,
-                                      j % n_restarts > 0, norm=norm, n_iter=n_iter,
-                                      alpha_max=alpha_max, eta=eta, beta=beta)
+  adv, res2 = fab_targeted_single_run(fn, x, y, y_target, fold_all(keys, j), eps, j % n_restarts
+                                      > 0, norm=norm, n_iter=n_iter, alpha_max=alpha_max, eta=eta,
+                                      beta=beta)
   return adv, acc & (res2 <= eps)
 
 
@@ -227,8 +226,9 @@ def _check_targets(n_target_classes, n_cls):
     raise ValueError(f'n_target_classes must be in [1, {n_cls - 1}], got {n_target_classes}')
 
 
-@partial(jax.jit, static_argnames=('norm', 'n_iter', 'n_restarts', 'n_target_classes',
-                                   'alpha_max', 'eta', 'beta'))
+@partial(
+    jax.jit, static_argnames=('norm', 'n_iter', 'n_restarts', 'n_target_classes', 'alpha_max',
+                              'eta', 'beta'))
 def fab_t_core(fn, x, y, keys, active, eps, *, norm, n_iter, n_restarts, n_target_classes,
                alpha_max, eta, beta):
   """Batched FAB-T on the points ``active`` and correctly classified; returns
@@ -241,13 +241,14 @@ def fab_t_core(fn, x, y, keys, active, eps, *, norm, n_iter, n_restarts, n_targe
   order = jnp.argsort(logits0, axis=-1)
 
   def body(j, state):
+
     def run(state):
       adv, acc = state
       y_t = target_labels(order, j, n_restarts)
-      adv_curr, fooled = fab_t_run(fn, x, y, y_t, keys, acc, eps, j, norm=norm,
-                                   n_iter=n_iter, n_restarts=n_restarts, alpha_max=alpha_max,
-                                   eta=eta, beta=beta)
+      adv_curr, fooled = fab_t_run(fn, x, y, y_t, keys, acc, eps, j, norm=norm, n_iter=n_iter,
+                                   n_restarts=n_restarts, alpha_max=alpha_max, eta=eta, beta=beta)
       return where_ex(fooled, adv_curr, adv), acc & ~fooled
+
     return lax.cond(jnp.any(state[1]), run, lambda s: s, state)
 
   return lax.fori_loop(0, n_target_classes * n_restarts, body, (x, acc))
@@ -265,9 +266,9 @@ def fab_t_batch_step(fn, x, y, y_target, index, key, eps, j, rand_start, state, 
                   alpha_max=alpha_max, eta=eta, beta=beta)
 
 
-def fab_t(logits_fn: Callable, x, y, key, *, norm: str = 'Linf', eps: float,
-          n_iter: int = 100, n_restarts: int = 1, n_target_classes: int = 9,
-          alpha_max: float = .1, eta: float = 1.05, beta: float = .9, active=None):
+def fab_t(logits_fn: Callable, x, y, key, *, norm: str = 'Linf', eps: float, n_iter: int = 100,
+          n_restarts: int = 1, n_target_classes: int = 9, alpha_max: float = .1, eta: float = 1.05,
+          beta: float = .9, active=None):
   """Targeted FAB (FAB-T) with AutoAttack's standard settings as defaults.
 
   Arguments as for :func:`twins_jax.autoattack.apgd`. Returns adversarial images: the
@@ -287,7 +288,7 @@ def fab_t_with_robust(logits_fn, x, y, key, *, norm='Linf', eps, n_iter=100, n_r
   y = jnp.asarray(y, jnp.int32)
   n = x.shape[0]
   active = jnp.ones((n,), bool) if active is None else jnp.asarray(active, bool)
-  return fab_t_core(as_partial(logits_fn), x, y, example_keys(key, n), active,
-                    jnp.float32(eps), norm=norm, n_iter=int(n_iter), n_restarts=int(n_restarts),
+  return fab_t_core(as_partial(logits_fn), x, y, example_keys(key, n), active, jnp.float32(eps),
+                    norm=norm, n_iter=int(n_iter), n_restarts=int(n_restarts),
                     n_target_classes=int(n_target_classes), alpha_max=float(alpha_max),
                     eta=float(eta), beta=float(beta))

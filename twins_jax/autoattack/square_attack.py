@@ -57,7 +57,7 @@ def window_sides(p_init, h, w, c, norm):
   n_features = c * h * w
   sides = []
   for k in range(N_STAGES):
-    p = p_init / 2 ** k
+    p = p_init / 2**k
     if norm == 'Linf':
       s = max(int(round(math.sqrt(p * n_features / c))), 1)
     else:
@@ -76,10 +76,10 @@ def eta_rectangles(x, y):
   c0, c1 = x_c - 1, y_c - 1
   for counter in range(max(x_c, y_c)):
     delta[max(c0, 0):min(c0 + (2 * counter + 1), x),
-          max(0, c1):min(c1 + (2 * counter + 1), y)] += 1. / (counter + 1) ** 2
+          max(0, c1):min(c1 + (2 * counter + 1), y)] += 1. / (counter + 1)**2
     c0 -= 1
     c1 -= 1
-  return delta / np.sqrt((delta ** 2).sum())
+  return delta / np.sqrt((delta**2).sum())
 
 
 def eta(s):
@@ -87,7 +87,7 @@ def eta(s):
   delta = np.zeros((s, s))
   delta[:s // 2] = eta_rectangles(s // 2, s)
   delta[s // 2:] = -1. * eta_rectangles(s - s // 2, s)
-  return delta / np.sqrt((delta ** 2).sum())
+  return delta / np.sqrt((delta**2).sum())
 
 
 def _window_mask(h, w, vh, vw, s):
@@ -180,8 +180,8 @@ def _start_point(x, keys, eps, *, norm, n_queries):
   return jnp.clip(x + normalize(delta, 'L2') * eps, 0., 1.)
 
 
-def square_queries(fn, x, y, keys, active, eps, state, start, stop, *, norm, n_queries,
-                   p_init, rescale_schedule):
+def square_queries(fn, x, y, keys, active, eps, state, start, stop, *, norm, n_queries, p_init,
+                   rescale_schedule):
   """Queries ``start .. stop - 1`` (traced) of a run; stops early once no example is
   left to fool. ``state = (x_best, margin_min, loss_min)``.
 
@@ -216,14 +216,14 @@ def square_queries(fn, x, y, keys, active, eps, state, start, stop, *, norm, n_q
     m2 = _window_mask(h, w, vh2, vw2, ss).astype(x.dtype)
     delta = x_best - x
     sp_axes = (1, 2)
-    norms_window_1 = jnp.sqrt(jnp.sum((delta * m1) ** 2, sp_axes, keepdims=True))
+    norms_window_1 = jnp.sqrt(jnp.sum((delta * m1)**2, sp_axes, keepdims=True))
     norms_image = bcast(flat_norm(delta, 'L2'), x)
     norms_windows = bcast(flat_norm(delta * jnp.maximum(m1, m2), 'L2'), x)
     table = jnp.where((u[:, 4] > .5)[:, None, None], etas_t[stage], etas[stage])
     e = _place(table, vh, vw)[..., None]
     new = e * sgn + delta * m1 / (TINY + norms_window_1)
-    new = new / (TINY + jnp.sqrt(jnp.sum(new ** 2, sp_axes, keepdims=True))) * jnp.sqrt(
-        jnp.maximum(eps ** 2 - norms_image ** 2, 0.) / c + norms_windows ** 2)
+    new = new / (TINY + jnp.sqrt(jnp.sum(new**2, sp_axes, keepdims=True))
+                ) * jnp.sqrt(jnp.maximum(eps**2 - norms_image**2, 0.) / c + norms_windows**2)
     delta = delta * (1. - m2) * (1. - m1) + new * m1
     return jnp.clip(x + normalize(delta, 'L2') * eps, 0., 1.)
 
@@ -250,18 +250,15 @@ def square_queries(fn, x, y, keys, active, eps, state, start, stop, *, norm, n_q
   return tuple(state)
 
 
-def square_single_run(fn, x, y, keys, active, eps, *, norm, n_queries, p_init,
-                      rescale_schedule):
+def square_single_run(fn, x, y, keys, active, eps, *, norm, n_queries, p_init, rescale_schedule):
   """One Square attack run; returns the best point found per example."""
   zeros = jnp.zeros(x.shape[:1], x.dtype)
-  state = square_queries(fn, x, y, keys, active, eps, (x, zeros, zeros), -1, n_queries,
-                         norm=norm, n_queries=n_queries, p_init=p_init,
-                         rescale_schedule=rescale_schedule)
+  state = square_queries(fn, x, y, keys, active, eps, (x, zeros, zeros), -1, n_queries, norm=norm,
+                         n_queries=n_queries, p_init=p_init, rescale_schedule=rescale_schedule)
   return state[0]
 
 
-@partial(jax.jit, static_argnames=('norm', 'n_queries', 'n_restarts', 'p_init',
-                                   'rescale_schedule'))
+@partial(jax.jit, static_argnames=('norm', 'n_queries', 'n_restarts', 'p_init', 'rescale_schedule'))
 def square_core(fn, x, y, keys, active, eps, *, norm, n_queries, n_restarts, p_init,
                 rescale_schedule):
   """Batched Square attack on the points ``active`` and correctly classified; returns
@@ -270,46 +267,47 @@ def square_core(fn, x, y, keys, active, eps, *, norm, n_queries, n_restarts, p_i
   acc = active & (jnp.argmax(fn(x), -1) == y)
 
   def body(j, state):
+
     def run(state):
       adv, acc = state
-      adv_curr = square_single_run(fn, x, y, fold_all(keys, j), acc, eps, norm=norm,
-                                   n_queries=n_queries, p_init=p_init,
-                                   rescale_schedule=rescale_schedule)
+      adv_curr = square_single_run(fn, x, y, fold_all(keys,
+                                                      j), acc, eps, norm=norm, n_queries=n_queries,
+                                   p_init=p_init, rescale_schedule=rescale_schedule)
       fooled = acc & (jnp.argmax(fn(adv_curr), -1) != y)
       return where_ex(fooled, adv_curr, adv), acc & ~fooled
+
     return lax.cond(jnp.any(state[1]), run, lambda s: s, state)
 
   return lax.fori_loop(0, n_restarts, body, (x, acc))
 
 
 @partial(jax.jit, static_argnames=('norm', 'n_queries', 'p_init', 'rescale_schedule'))
-def square_batch(fn, x, y, index, active, x_best, margin_min, loss_min, key, eps, j, start,
-                 stop, *, norm, n_queries, p_init, rescale_schedule):
+def square_batch(fn, x, y, index, active, x_best, margin_min, loss_min, key, eps, j, start, stop, *,
+                 norm, n_queries, p_init, rescale_schedule):
   """:func:`square_queries` of run ``j`` on one batch of the suite (example keys
   ``fold_in(key, index)``, then ``j``); ``start``/``stop`` are traced, so every query
   range, the starting point (``start = -1``) included, shares one compiled program
   per batch size."""
   keys = fold_all(example_keys(key, x.shape[0], index), j)
-  return square_queries(fn, x, y, keys, active, eps, (x_best, margin_min, loss_min), start,
-                        stop, norm=norm, n_queries=n_queries, p_init=p_init,
+  return square_queries(fn, x, y, keys, active, eps, (x_best, margin_min, loss_min), start, stop,
+                        norm=norm, n_queries=n_queries, p_init=p_init,
                         rescale_schedule=rescale_schedule)
 
 
-def square(logits_fn: Callable, x, y, key, *, norm: str = 'Linf', eps: float,
-           n_queries: int = 5000, n_restarts: int = 1, p_init: float = .8,
-           rescale_schedule: bool = False, active=None):
+def square(logits_fn: Callable, x, y, key, *, norm: str = 'Linf', eps: float, n_queries: int = 5000,
+           n_restarts: int = 1, p_init: float = .8, rescale_schedule: bool = False, active=None):
   """Square attack (score-based, margin loss) with AutoAttack's settings as defaults.
 
   Arguments as for :func:`twins_jax.autoattack.apgd`; images must be ``(N, H, W, C)``.
   Returns adversarial images where found (inside the ball and [0, 1]), else clean.
   """
   return square_with_robust(logits_fn, x, y, key, norm=norm, eps=eps, n_queries=n_queries,
-                            n_restarts=n_restarts, p_init=p_init,
-                            rescale_schedule=rescale_schedule, active=active)[0]
+                            n_restarts=n_restarts, p_init=p_init, rescale_schedule=rescale_schedule,
+                            active=active)[0]
 
 
-def square_with_robust(logits_fn, x, y, key, *, norm='Linf', eps, n_queries=5000,
-                       n_restarts=1, p_init=.8, rescale_schedule=False, active=None):
+def square_with_robust(logits_fn, x, y, key, *, norm='Linf', eps, n_queries=5000, n_restarts=1,
+                       p_init=.8, rescale_schedule=False, active=None):
   """Like :func:`square` but returns ``(x_adv, robust_mask)``."""
   check_norm(norm)
   x = jnp.asarray(x, jnp.float32)
@@ -318,7 +316,6 @@ def square_with_robust(logits_fn, x, y, key, *, norm='Linf', eps, n_queries=5000
   y = jnp.asarray(y, jnp.int32)
   n = x.shape[0]
   active = jnp.ones((n,), bool) if active is None else jnp.asarray(active, bool)
-  return square_core(as_partial(logits_fn), x, y, example_keys(key, n), active,
-                     jnp.float32(eps), norm=norm, n_queries=int(n_queries),
-                     n_restarts=int(n_restarts), p_init=float(p_init),
-                     rescale_schedule=bool(rescale_schedule))
+  return square_core(as_partial(logits_fn), x, y, example_keys(key, n), active, jnp.float32(eps),
+                     norm=norm, n_queries=int(n_queries), n_restarts=int(n_restarts),
+                     p_init=float(p_init), rescale_schedule=bool(rescale_schedule))

@@ -69,7 +69,7 @@ def bucket_sizes(batch_size: int, n_buckets: int = 4, n_devices: int = 1) -> tup
   align = math.lcm(8, n_devices)
   sizes = {top}
   for k in range(1, n_buckets):
-    s = -(-batch_size // 2 ** k)
+    s = -(-batch_size // 2**k)
     s = -(-s // align) * align
     if s < top:
       sizes.add(s)
@@ -143,8 +143,8 @@ class _Batches:
 
   def _abstract(self, tree):
     return jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype,
-                                       sharding=self._sharding(a)), tree)
+        lambda a: jax.ShapeDtypeStruct(np.shape(a),
+                                       np.asarray(a).dtype, sharding=self._sharding(a)), tree)
 
   def _target(self, program, statics, extra):
     """The function to call as ``f(fn, args, scalars, extra)``: the program itself, or
@@ -165,10 +165,10 @@ class _Batches:
 
       # check_vma=False: the loop state's scalars (APGD's checkpoint counters) come out
       # of per-device computations but only depend on replicated inputs.
-      f = jax.jit(jax.shard_map(body, mesh=self.mesh,
-                                in_specs=(P(), P(self.axis), P(), specs),
-                                out_specs=specs['state'] if 'state' in extra else P(self.axis),
-                                check_vma=False))
+      f = jax.jit(
+          jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(self.axis), P(), specs),
+                        out_specs=specs['state'] if 'state' in extra else P(self.axis),
+                        check_vma=False))
       _Batches._wrapped[key] = f
     return f
 
@@ -189,8 +189,8 @@ class _Batches:
       extra = {} if loop is None else dict(state=loop[0](batch), i=np.int32(0))
       target = self._target(program, statics, extra)
       if self.mesh is None:
-        lowered = program.lower(self.fn, **self._abstract(args), **scalars,
-                                **self._abstract(extra), **statics)
+        lowered = program.lower(self.fn, **self._abstract(args), **scalars, **self._abstract(extra),
+                                **statics)
       else:
         lowered = target.lower(self.fn, self._abstract(args), scalars, self._abstract(extra))
       lowered.compile()
@@ -252,13 +252,12 @@ def logits_batch(fn, x):
   return fn(x)
 
 
-def autoattack(logits_fn: Callable, x, y, key, *, norm: str, eps: float,
-               version: str = 'standard', batch_size: Optional[int] = None,
-               progress=None, attacks: Optional[Sequence[str]] = None, n_iter: int = 100,
-               n_restarts: int = 1, n_target_classes: int = 9, fab_n_iter: int = 100,
-               n_queries: int = 5000, p_init: float = .8, rho: float = .75,
-               mesh=None, index_offset: int = 0, global_index=None, n_buckets: int = 4,
-               stats: Optional[dict] = None):
+def autoattack(logits_fn: Callable, x, y, key, *, norm: str, eps: float, version: str = 'standard',
+               batch_size: Optional[int] = None, progress=None,
+               attacks: Optional[Sequence[str]] = None, n_iter: int = 100, n_restarts: int = 1,
+               n_target_classes: int = 9, fab_n_iter: int = 100, n_queries: int = 5000,
+               p_init: float = .8, rho: float = .75, mesh=None, index_offset: int = 0,
+               global_index=None, n_buckets: int = 4, stats: Optional[dict] = None):
   """Runs AutoAttack and reports robust accuracy after each attack.
 
   Args:
@@ -318,7 +317,7 @@ def autoattack(logits_fn: Callable, x, y, key, *, norm: str, eps: float,
     gidx = np.asarray(global_index).astype(np.int64)
     if gidx.shape != (n,):
       raise ValueError(f'global_index must have shape ({n},), got {gidx.shape}')
-  if n and (gidx.min() < 0 or gidx.max() >= 2 ** 31):
+  if n and (gidx.min() < 0 or gidx.max() >= 2**31):
     raise ValueError('global indices must lie in [0, 2**31)')
   gidx = gidx.astype(np.int32)
   bs = int(batch_size) if batch_size else max(1, min(n, 250))
@@ -330,8 +329,8 @@ def autoattack(logits_fn: Callable, x, y, key, *, norm: str, eps: float,
   eps32 = np.float32(eps)
 
   t0 = time.time()
-  n_cls = int(jax.eval_shape(fn, jax.ShapeDtypeStruct((1,) + x_np.shape[1:], jnp.float32))
-              .shape[-1])
+  n_cls = int(
+      jax.eval_shape(fn, jax.ShapeDtypeStruct((1,) + x_np.shape[1:], jnp.float32)).shape[-1])
   ones = np.ones((n,), bool)
   logits = batches.run(logits_batch, np.arange(n), dict(x=x_np), top_only=True) if n else \
       np.zeros((0, n_cls), np.float32)
@@ -373,8 +372,8 @@ def autoattack(logits_fn: Callable, x, y, key, *, norm: str, eps: float,
         adv, fooled = batches.run(
             apgd_batch_step, idx, dict(per_ex, y_target=y_t),
             dict(key=attack_key, eps=eps32, j=np.int32(j), loss_id=np.int32(loss_id)), statics,
-            loop=(lambda b: apgd_empty_state(b['x'], n_iter_, np), range(-1, n_iter_),
-                  lambda s, b: (s['x_best_adv'], b['active'] & ~s['acc'])))
+            loop=(lambda b: apgd_empty_state(b['x'], n_iter_, np), range(-1, n_iter_), lambda s, b:
+                  (s['x_best_adv'], b['active'] & ~s['acc'])))
         record(idx, fooled, adv)
         log(f'{name} - run {j + 1}/{runs} - {int(fooled.sum())} out of {idx.size} '
             f'successfully perturbed')
@@ -387,8 +386,8 @@ def autoattack(logits_fn: Callable, x, y, key, *, norm: str, eps: float,
         adv, fooled = batches.run(
             fab_t_batch_step, idx, dict(per_ex, y_target=order[:, n_cls - 2 - j]),
             dict(key=attack_key, eps=eps32, j=np.int32(j), rand_start=np.bool_(False)), statics,
-            loop=(lambda b: fab_empty_state(b['x'], np), range(int(fab_n_iter)),
-                  lambda s, b: (s[1], b['active'] & (s[2] <= eps32))))
+            loop=(lambda b: fab_empty_state(b['x'], np), range(int(fab_n_iter)), lambda s, b:
+                  (s[1], b['active'] & (s[2] <= eps32))))
         record(idx, fooled, adv)
         log(f'{name} - target {j + 1}/{n_tc} - {int(fooled.sum())} out of {idx.size} '
             f'successfully perturbed')
@@ -433,15 +432,16 @@ def _square(batches, per_ex, robust, record, key, eps, norm, n_queries, p_init, 
     return
   n = per_ex['x'].shape[0]
   # Query state over all points (only idx's rows are used).
-  state = dict(x_best=per_ex['x'].copy(), margin_min=np.ones((n,), np.float32),
-               loss_min=np.ones((n,), np.float32))
+  state = dict(x_best=per_ex['x'].copy(), margin_min=np.ones((n,), np.float32), loss_min=np.ones(
+      (n,), np.float32))
   statics = dict(norm=norm, n_queries=n_queries, p_init=p_init, rescale_schedule=False)
   for start, stop in square_ranges(n_queries):
     live = idx[state['margin_min'][idx] > 0]
     if live.size == 0:
       break
-    out = batches.run(square_batch, live, dict(per_ex, **state), dict(
-        key=key, eps=eps, j=np.int32(0), start=np.int32(start), stop=np.int32(stop)), statics)
+    out = batches.run(
+        square_batch, live, dict(per_ex, **state),
+        dict(key=key, eps=eps, j=np.int32(0), start=np.int32(start), stop=np.int32(stop)), statics)
     for k, v in zip(('x_best', 'margin_min', 'loss_min'), out):
       state[k][live] = v
   # Fooled: the returned point is misclassified (a margin <= 0; an exact tie is
