@@ -11,6 +11,7 @@ logits agree to float32 precision.
 """
 
 import functools
+import itertools
 import os
 
 import jax
@@ -140,6 +141,29 @@ def test_matmul_conv_equals_lax_conv_float64(size, k, stride, cin, cout):
       assert flax_torch.rel_err(a, b) < 1e-13
 
 
+@pytest.mark.parametrize('size,k,stride,cin,cout', CONV_CASES + [(9, 7, 2, 3, 5), (6, 3, 2, 3, 3)])
+def test_conv_each_pass_equals_lax_conv_float64(size, k, stride, cin, cout):
+  """speed.conv with every combination of per-pass implementations (what
+  conv_impl='auto' picks from) is lax.conv: values, input and weight gradients."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(size * 17 + k)
+    x = jnp.asarray(rng.standard_normal((2, size, size, cin)))
+    w = jnp.asarray(rng.standard_normal((k, k, cin, cout)))
+    p = k // 2
+    y_ref, vjp_ref = jax.vjp(lambda x, w: speed.lax_conv(x, w, stride, p), x, w)
+    g = jnp.asarray(rng.standard_normal(y_ref.shape))
+    grads_ref = vjp_ref(g)
+    dx = speed.hwio_input_grad(g, w, (size, size), stride, p)
+    assert flax_torch.rel_err(dx, grads_ref[0]) < 1e-13
+    for impls in itertools.product(*speed.PASS_IMPLS.values()):
+      y, vjp = jax.vjp(jax.jit(lambda x, w: speed.conv(x, w, stride, p, impls)), x, w)
+      assert flax_torch.rel_err(y, y_ref) < 1e-13, impls
+      for a, b in zip(vjp(g), grads_ref):
+        assert flax_torch.rel_err(a, b) < 1e-13, impls
+  with pytest.raises(ValueError, match='dx implementation'):
+    speed.conv(x, w, stride, p, ('xla', 'cudnn', 'xla'))
+
+
 def test_conv_impls_share_variables_and_logits():
   x = np.random.default_rng(2).uniform(0, 1, (3, 32, 32, 3)).astype(np.float32)
   variables, logits = {}, {}
@@ -163,3 +187,5 @@ def test_auto_rule():
   assert speed.use_matmul_conv(3, 7, 7, 512)  # layer4 at 224
   assert not speed.use_matmul_conv(3, 8, 8, 64)  # layer1 at 32x32: XLA's convolution
   assert not speed.use_matmul_conv(7, 16, 16, 64)  # the stem
+  assert speed.conv_passes(1, 56, 56, 64) == ('matmul',) * 3
+  assert speed.conv_passes(3, 56, 56, 64) == ('xla', 'hwio', 'xla')

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twins_jax.speed import CONV_IMPLS, matmul_conv, use_matmul_conv
+from twins_jax import speed
+from twins_jax.speed import CONV_IMPLS, matmul_conv
 
 # BatchNorm modes. The first names the Frozen Net, the other three the Adaptive Net.
 FROZEN = 'frozen'  # Frozen Net: pre-training statistics, never updated.
@@ -170,17 +171,13 @@ class TorchConv(nn.Module):
     k, s, p = self.kernel, self.stride, self.kernel // 2
     w = self.param('kernel', conv_init, (k, k, x.shape[-1], self.features), self.param_dtype)
     x, w = x.astype(self.dtype), w.astype(self.dtype)
-    impl = self.impl
-    if impl == 'auto':
-      impl = 'xla'
-      if jax.default_backend() == 'cpu':
-        out_h = (x.shape[1] + 2 * p - k) // s + 1
-        out_w = (x.shape[2] + 2 * p - k) // s + 1
-        impl = 'matmul' if use_matmul_conv(k, out_h, out_w, self.features) else 'xla'
-    if impl == 'matmul':
+    if self.impl == 'matmul':
       return matmul_conv(x, w, s, p)
-    return jax.lax.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)),
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.impl == 'auto' and jax.default_backend() == 'cpu':
+      out_h = (x.shape[1] + 2 * p - k) // s + 1
+      out_w = (x.shape[2] + 2 * p - k) // s + 1
+      return speed.conv(x, w, s, p, speed.conv_passes(k, out_h, out_w, self.features))
+    return speed.lax_conv(x, w, s, p)
 
 
 def torch_conv(features, kernel, stride=1, dtype=jnp.float32, name=None, param_dtype=jnp.float32,

@@ -13,6 +13,7 @@ BENCHMARKS.md has what each changes.
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping, Optional
 
 import jax
@@ -63,6 +64,94 @@ def matmul_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.A
   # its fast matmul library; dots contracting several axes go to a slower path).
   y = jnp.dot(patches.reshape(-1, patches.shape[-1]), kernel.reshape(-1, cout))
   return y.reshape(n, ho, wo, cout)
+
+
+def lax_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+  """``lax.conv`` as the models use it: NHWC, HWIO, symmetric padding."""
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def hwio_input_grad(g: jax.Array, kernel: jax.Array, in_hw: tuple[int, int], stride: int,
+                    pad: int) -> jax.Array:
+  """The input gradient of :func:`lax_conv`, as a convolution whose kernel is materialised
+  in HWIO order.
+
+  It is the transposed convolution JAX's own rule builds (``g`` dilated by the stride,
+  convolved with the spatially flipped kernel, input and output channels swapped), but
+  JAX leaves the swap to the convolution's dimension numbers (``01oi``), and XLA:CPU
+  runs a convolution with an ``01oi`` kernel through a slow generic path: inside the PGD
+  loop that made every 3x3 input gradient 4-6x slower than its forward. Here the flipped,
+  swapped kernel is a real HWIO array (an ``optimization_barrier`` keeps XLA from folding
+  the transpose back into the dimension numbers), so XLA hands the convolution to its
+  fast library. Same function; the kernel costs one copy.
+  """
+  kh, kw = kernel.shape[:2]
+  flipped = jax.lax.optimization_barrier(jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+  padding = [(k - 1 - pad, size - 1 - (out - 1) * stride + pad)
+             for k, size, out in zip((kh, kw), in_hw, g.shape[1:3])]
+  return jax.lax.conv_general_dilated(g, flipped, (1, 1), padding, lhs_dilation=(stride, stride),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+# The implementations of each pass of a convolution (see conv):
+PASS_IMPLS = dict(
+    fwd=('xla', 'matmul'),  # lax.conv, or matmul_conv
+    dx=('xla', 'hwio', 'matmul'),  # JAX's transpose of lax.conv, hwio_input_grad, or matmul_conv's
+    dw=('xla', 'matmul'),  # JAX's transpose of lax.conv, or of matmul_conv
+)
+
+
+def _forward(impl, x, kernel, stride, pad):
+  return (matmul_conv if impl == 'matmul' else lax_conv)(x, kernel, stride, pad)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, kernel, stride, pad, impls):
+  return _forward(impls[0], x, kernel, stride, pad)
+
+
+def _conv_fwd(x, kernel, stride, pad, impls):
+  return _forward(impls[0], x, kernel, stride, pad), (x, kernel)
+
+
+def _conv_bwd(stride, pad, impls, res, g):
+  x, kernel = res
+  _, dx_impl, dw_impl = impls
+  if dx_impl == 'hwio':
+    dx = hwio_input_grad(g, kernel, x.shape[1:3], stride, pad)
+  else:
+    dx = jax.vjp(lambda x: _forward(dx_impl, x, kernel, stride, pad), x)[1](g)[0]
+  dw = jax.vjp(lambda k: _forward(dw_impl, x, k, stride, pad), kernel)[1](g)[0]
+  return dx, dw
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
+         impls: tuple[str, str, str] = ('xla', 'hwio', 'xla')) -> jax.Array:
+  """:func:`lax_conv` whose forward, input gradient and weight gradient are each computed
+  by the implementation ``impls`` names (:data:`PASS_IMPLS`; :func:`conv_passes` is the
+  CPU rule of ``conv_impl='auto'``). Every choice is the same function, summed in
+  another order. A ``custom_vjp``: reverse-mode only.
+  """
+  impls = tuple(impls)
+  for name, impl in zip(PASS_IMPLS, impls):
+    if impl not in PASS_IMPLS[name]:
+      raise ValueError(f'{name} implementation must be one of {PASS_IMPLS[name]}, got {impl!r}.')
+  if impls == ('matmul',) * 3:
+    return matmul_conv(x, kernel, stride, pad)
+  if impls == ('xla',) * 3:
+    return lax_conv(x, kernel, stride, pad)
+  return _conv(x, kernel, stride, pad, impls)
+
+
+def conv_passes(kernel: int, out_h: int, out_w: int, out_channels: int) -> tuple[str, str, str]:
+  """The CPU rule of ``conv_impl='auto'``: the implementation of each pass (see conv)."""
+  if use_matmul_conv(kernel, out_h, out_w, out_channels):
+    return ('matmul', 'matmul', 'matmul')
+  return ('xla', 'hwio', 'xla')
 
 
 def _folded_conv_name(bn_name: str) -> Optional[str]:
