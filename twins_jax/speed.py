@@ -14,6 +14,7 @@ BENCHMARKS.md has what each changes.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Mapping, Optional
 
 import jax
@@ -152,6 +153,62 @@ def conv_passes(kernel: int, out_h: int, out_w: int, out_channels: int) -> tuple
   if use_matmul_conv(kernel, out_h, out_w, out_channels):
     return ('matmul', 'matmul', 'matmul')
   return ('xla', 'hwio', 'xla')
+
+
+def _upsample_taps(size: int, factor: int, k: int, stride: int, pad: int):
+  """For :func:`upsampled_conv`, along one axis: the output phase period P, the source
+  stride S, the source padding (lo, hi), the blocks A and the 0/1 matrix M[b, t, r] (output
+  phase b, source tap t, kernel tap r), or None when nothing is gained."""
+  g = math.gcd(stride, factor)
+  period, src_stride = factor // g, stride // g
+  out = (size * factor + 2 * pad - k) // stride + 1
+  # Upsampled row of output i = period * a + b, kernel tap r: stride * i - pad + r; its
+  # source row is floor(that / factor) = src_stride * a + offset[b, r].
+  offset = np.array([[(stride * b - pad + r) // factor for r in range(k)] for b in range(period)])
+  lo, top = int(offset.min()), int(offset.max())
+  taps = top - lo + 1
+  blocks = -(-out // period)
+  onehot = (offset[:, None, :] - lo == np.arange(taps)[None, :, None]).astype(np.float32)
+  pad_hi = (blocks - 1) * src_stride + top - (size - 1)
+  return period, src_stride, (-lo, pad_hi), blocks, out, onehot
+
+
+def upsampled_conv(x: jax.Array, kernel: jax.Array, factor: int, stride: int,
+                   pad: int) -> jax.Array:
+  """``lax_conv(nearest_upsample(x, factor), kernel, stride, pad)`` without upsampling.
+
+  With an integer factor f, output row i of the convolution reads upsampled rows
+  ``stride * i - pad + r`` (r < k), i.e. source rows ``floor((stride * i - pad + r) / f)``;
+  these depend on i only through its phase ``b = i mod P`` (``P = f / gcd(stride, f)``)
+  and a shift of ``stride / gcd`` source rows per period. So each output phase is a
+  convolution of the *source* image with a small kernel whose taps are sums of the
+  original taps that read the same source pixel, and the P x P phases are one
+  convolution with P*P times the output channels, interleaved afterwards (depth to
+  space). Zero padding maps to zero padding. The same function, summed in another order.
+  The ResNet stem at 224 from 32x32 (f=7, 7x7, stride 2, pad 3) becomes a 4x4,
+  stride-2 convolution of the 32x32 image with 49 * 64 outputs, as one matrix product:
+  a third of the multiply-adds, and the input gradient lands on the 32x32 image directly.
+  """
+  n, h, w, cin = x.shape
+  kh, kw, _, cout = kernel.shape
+  ph, sh, pad_h, ah, oh, mh = _upsample_taps(h, factor, kh, stride, pad)
+  pw, sw, pad_w, aw, ow, mw = _upsample_taps(w, factor, kw, stride, pad)
+  if sh != sw or ph != pw:
+    raise ValueError('upsampled_conv needs the same phase structure along both axes.')
+  # W_eff[t, u, cin, (b, c, cout)] = sum_{r, s} M_h[b, t, r] M_w[c, u, s] W[r, s, cin, cout],
+  # summed in at least float32 (a bfloat16 model still sums its taps in float32).
+  acc = jnp.promote_types(kernel.dtype, jnp.float32)
+  mh, mw = jnp.asarray(mh, acc), jnp.asarray(mw, acc)
+  eff = jnp.einsum('btr,cus,rsio->tuibco', mh, mw, kernel.astype(acc), precision='highest')
+  eff = eff.reshape(mh.shape[1], mw.shape[1], cin, ph * pw * cout).astype(x.dtype)
+  xp = jnp.pad(x, ((0, 0), (max(pad_h[0], 0), max(pad_h[1], 0)),
+                   (max(pad_w[0], 0), max(pad_w[1], 0)), (0, 0)))
+  xp = xp[:,
+          max(-pad_h[0], 0):xp.shape[1] - max(-pad_h[1], 0),
+          max(-pad_w[0], 0):xp.shape[2] - max(-pad_w[1], 0)]
+  y = matmul_conv(xp, eff, sh, 0)  # (n, ah, aw, ph * pw * cout)
+  y = y.reshape(n, ah, aw, ph, pw, cout).transpose(0, 1, 3, 2, 4, 5)
+  return y.reshape(n, ah * ph, aw * pw, cout)[:, :oh, :ow]
 
 
 def _folded_conv_name(bn_name: str) -> Optional[str]:
