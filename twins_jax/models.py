@@ -174,7 +174,7 @@ class TorchConv(nn.Module):
     k, s, p = self.kernel, self.stride, self.kernel // 2
     w = self.param('kernel', conv_init, (k, k, x.shape[-1], self.features), self.param_dtype)
     cpu_auto = self.impl == 'auto' and jax.default_backend() == 'cpu'
-    if upsample > 1 and cpu_auto:
+    if upsample > 1 and cpu_auto and speed.LEVERS['upsampled_stem']:
       return speed.upsampled_conv(x.astype(self.dtype), w, upsample, s, p)
     if upsample > 1:
       x = nearest_resize(x, x.shape[1] * upsample)

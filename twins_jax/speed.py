@@ -13,6 +13,7 @@ BENCHMARKS.md has what each changes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Mapping, Optional
@@ -26,6 +27,28 @@ import numpy as np
 # output maps; see use_matmul_conv and BENCHMARKS.md), lax.conv elsewhere and on
 # every other backend. The same function either way; only the rounding differs.
 CONV_IMPLS = ('auto', 'xla', 'matmul')
+
+# The levers of conv_impl='auto' on CPU beyond the matrix products, all on. Benchmarks
+# switch them off (``with levers(upsampled_stem=False): ...`` around the tracing) to
+# measure what each changes; read when a model is traced.
+LEVERS = dict(
+    hwio_input_grad=True,  # 3x3/7x7 input gradients with an explicit HWIO kernel
+    upsampled_stem=True,  # the stem after an integer nearest upsampling: upsampled_conv
+)
+
+
+@contextlib.contextmanager
+def levers(**settings):
+  """Sets :data:`LEVERS` inside the ``with`` block (for benchmarks)."""
+  unknown = set(settings) - set(LEVERS)
+  if unknown:
+    raise ValueError(f'Unknown levers {sorted(unknown)}; known: {sorted(LEVERS)}.')
+  old = dict(LEVERS)
+  LEVERS.update(settings)
+  try:
+    yield
+  finally:
+    LEVERS.update(old)
 
 
 def use_matmul_conv(kernel: int, out_h: int, out_w: int, out_channels: int) -> bool:
@@ -152,7 +175,7 @@ def conv_passes(kernel: int, out_h: int, out_w: int, out_channels: int) -> tuple
   """The CPU rule of ``conv_impl='auto'``: the implementation of each pass (see conv)."""
   if use_matmul_conv(kernel, out_h, out_w, out_channels):
     return ('matmul', 'matmul', 'matmul')
-  return ('xla', 'hwio', 'xla')
+  return ('xla', 'hwio' if LEVERS['hwio_input_grad'] else 'xla', 'xla')
 
 
 def _upsample_taps(size: int, factor: int, k: int, stride: int, pad: int):
