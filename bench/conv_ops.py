@@ -49,8 +49,12 @@ def main():
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--xla-flags', default='')
   p.add_argument('--only', default='')
-  p.add_argument('--impl', default='xla', choices=('xla', 'matmul'),
-                 help="JAX convolution: lax.conv ('xla') or speed.matmul_conv")
+  p.add_argument('--json', default='', help='write the per-shape medians (CPU s per call) here')
+  p.add_argument(
+      '--impl', default='xla', choices=('xla', 'matmul', 'hwio', 'auto'),
+      help="JAX convolution: lax.conv ('xla'), speed.matmul_conv ('matmul'), "
+      "lax.conv with speed.hwio_input_grad ('hwio') or conv_impl='auto''s choice "
+      'per pass (speed.conv_passes)')
   args = p.parse_args()
   if args.xla_flags:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + args.xla_flags).strip()
@@ -76,11 +80,11 @@ def main():
     pad = k // 2
 
     def conv(x, w):
-      if args.impl == 'matmul':
-        from twins_jax import speed
-        return speed.matmul_conv(x, w, stride, pad)
-      return jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
-                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      from twins_jax import speed
+      impls = dict(xla=('xla',) * 3, matmul=('matmul',) * 3, hwio=('xla', 'hwio', 'xla'))
+      ho = (h + 2 * pad - k) // stride + 1
+      return speed.conv(x, w, stride, pad,
+                        impls.get(args.impl) or speed.conv_passes(k, ho, ho, cout))
 
     y, vjp = jax.vjp(conv, x, w)
     g = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32))
@@ -141,6 +145,15 @@ def main():
         '  '.join(f'{part}: jax {tot["jax"][i] * 1e3:.1f} ms torch {tot["torch"][i] * 1e3:.1f} ms'
                   for i, part in enumerate(('fwd', 'dx', 'dw'))))
   print(f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r} load {os.getloadavg()}')
+  if args.json:
+    import json
+    keys = ('name', 'h', 'cin', 'cout', 'k', 'stride', 'count', 'flops')
+    out = [
+        dict(zip(keys, r[:8]), jax=dict(zip(('fwd', 'dx', 'dw'), map(float, r[8]))),
+             torch=dict(zip(('fwd', 'dx', 'dw'), map(float, r[9])))) for r in rows
+    ]
+    with open(args.json, 'w') as f:
+      json.dump(dict(args=vars(args), load=os.getloadavg(), rows=out), f, indent=1)
 
 
 if __name__ == '__main__':

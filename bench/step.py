@@ -204,7 +204,7 @@ def run_jax(args, x, y):
     info['recompiled'] = train_step._cache_size() != cache_after_warmup
 
   return dict(state=state, train_round=train_round, eval_round=eval_round, info=info,
-              outputs=outputs, check=check_no_recompile)
+              outputs=outputs, check=check_no_recompile, compiled=compiled)
 
 
 def run_torch(args, x, y):

@@ -11,6 +11,7 @@ logits agree to float32 precision.
 """
 
 import functools
+import itertools
 import os
 
 import jax
@@ -140,6 +141,72 @@ def test_matmul_conv_equals_lax_conv_float64(size, k, stride, cin, cout):
       assert flax_torch.rel_err(a, b) < 1e-13
 
 
+@pytest.mark.parametrize('size,k,stride,cin,cout', CONV_CASES + [(9, 7, 2, 3, 5), (6, 3, 2, 3, 3)])
+def test_conv_each_pass_equals_lax_conv_float64(size, k, stride, cin, cout):
+  """speed.conv with every combination of per-pass implementations (what
+  conv_impl='auto' picks from) is lax.conv: values, input and weight gradients."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(size * 17 + k)
+    x = jnp.asarray(rng.standard_normal((2, size, size, cin)))
+    w = jnp.asarray(rng.standard_normal((k, k, cin, cout)))
+    p = k // 2
+    y_ref, vjp_ref = jax.vjp(lambda x, w: speed.lax_conv(x, w, stride, p), x, w)
+    g = jnp.asarray(rng.standard_normal(y_ref.shape))
+    grads_ref = vjp_ref(g)
+    dx = speed.hwio_input_grad(g, w, (size, size), stride, p)
+    assert flax_torch.rel_err(dx, grads_ref[0]) < 1e-13
+    for impls in itertools.product(*speed.PASS_IMPLS.values()):
+      y, vjp = jax.vjp(jax.jit(lambda x, w: speed.conv(x, w, stride, p, impls)), x, w)
+      assert flax_torch.rel_err(y, y_ref) < 1e-13, impls
+      for a, b in zip(vjp(g), grads_ref):
+        assert flax_torch.rel_err(a, b) < 1e-13, impls
+  with pytest.raises(ValueError, match='dx implementation'):
+    speed.conv(x, w, stride, p, ('xla', 'cudnn', 'xla'))
+
+
+@pytest.mark.parametrize('size,factor,k,stride', [(32, 7, 7, 2), (5, 7, 7, 2), (8, 2, 7, 2),
+                                                  (6, 3, 3, 1), (7, 4, 3, 2), (4, 3, 5, 2),
+                                                  (6, 2, 3, 2), (5, 5, 7, 3), (3, 2, 1, 2)])
+def test_upsampled_conv_equals_conv_of_upsampled_float64(size, factor, k, stride):
+  """speed.upsampled_conv (the stem after the 32 -> 224 resize with conv_impl='auto')
+  is lax.conv of the nearest-upsampled image: values, input and weight gradients."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(size * 13 + factor)
+    x = jnp.asarray(rng.standard_normal((2, size, size, 3)))
+    w = jnp.asarray(rng.standard_normal((k, k, 3, 4)))
+    p = k // 2
+    ref_fn = lambda x, w: speed.lax_conv(models.nearest_resize(x, size * factor), w, stride, p)
+    y_ref, vjp_ref = jax.vjp(ref_fn, x, w)
+    y, vjp = jax.vjp(lambda x, w: speed.upsampled_conv(x, w, factor, stride, p), x, w)
+    assert y.shape == y_ref.shape
+    assert flax_torch.rel_err(y, y_ref) < 1e-13
+    g = jnp.asarray(rng.standard_normal(y.shape))
+    for a, b in zip(vjp(g), vjp_ref(g)):
+      assert flax_torch.rel_err(a, b) < 1e-13
+
+
+def test_resized_model_auto_equals_xla_float64():
+  """A 32 -> 224 model with conv_impl='auto' (upsampled stem, per-pass convolutions) is
+  the lax.conv model: logits, every parameter's gradient and the input gradient."""
+  with jax.enable_x64(True):
+    x = np.random.default_rng(0).uniform(0, 1, (2, 32, 32, 3))
+    out = {}
+    for impl in ('xla', 'auto'):
+      model = models.create_model('tiny_resnet', 10, resize=224, dtype=jnp.float64,
+                                  param_dtype=jnp.float64, conv_impl=impl)
+      variables = flax_torch.randomize_bn(models.init_variables(model, 0), seed=5)
+      variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
+
+      def loss(params, x):
+        logits = model.apply(dict(variables, params=params), x, mode=models.EVAL)
+        return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+
+      logits = model.apply(variables, x, mode=models.EVAL)
+      out[impl] = (logits, *jax.grad(loss, argnums=(0, 1))(variables['params'], x))
+    for a, b in zip(jax.tree.leaves(out['auto']), jax.tree.leaves(out['xla'])):
+      assert flax_torch.rel_err(a, b) < 1e-13
+
+
 def test_conv_impls_share_variables_and_logits():
   x = np.random.default_rng(2).uniform(0, 1, (3, 32, 32, 3)).astype(np.float32)
   variables, logits = {}, {}
@@ -163,3 +230,5 @@ def test_auto_rule():
   assert speed.use_matmul_conv(3, 7, 7, 512)  # layer4 at 224
   assert not speed.use_matmul_conv(3, 8, 8, 64)  # layer1 at 32x32: XLA's convolution
   assert not speed.use_matmul_conv(7, 16, 16, 64)  # the stem
+  assert speed.conv_passes(1, 56, 56, 64) == ('matmul',) * 3
+  assert speed.conv_passes(3, 56, 56, 64) == ('xla', 'hwio', 'xla')

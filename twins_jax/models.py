@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twins_jax.speed import CONV_IMPLS, matmul_conv, use_matmul_conv
+from twins_jax import speed
+from twins_jax.speed import CONV_IMPLS, matmul_conv
 
 # BatchNorm modes. The first names the Frozen Net, the other three the Adaptive Net.
 FROZEN = 'frozen'  # Frozen Net: pre-training statistics, never updated.
@@ -164,23 +165,27 @@ class TorchConv(nn.Module):
   impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, upsample: int = 1):
+    """``upsample``: convolve ``x`` nearest-upsampled by this integer factor (the
+    ResNet's resize before its stem). With ``impl='auto'`` on CPU that is
+    :func:`twins_jax.speed.upsampled_conv`, which never builds the upsampled image."""
     if self.impl not in CONV_IMPLS:
       raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {self.impl!r}.')
     k, s, p = self.kernel, self.stride, self.kernel // 2
     w = self.param('kernel', conv_init, (k, k, x.shape[-1], self.features), self.param_dtype)
+    cpu_auto = self.impl == 'auto' and jax.default_backend() == 'cpu'
+    if upsample > 1 and cpu_auto and speed.LEVERS['upsampled_stem']:
+      return speed.upsampled_conv(x.astype(self.dtype), w, upsample, s, p)
+    if upsample > 1:
+      x = nearest_resize(x, x.shape[1] * upsample)
     x, w = x.astype(self.dtype), w.astype(self.dtype)
-    impl = self.impl
-    if impl == 'auto':
-      impl = 'xla'
-      if jax.default_backend() == 'cpu':
-        out_h = (x.shape[1] + 2 * p - k) // s + 1
-        out_w = (x.shape[2] + 2 * p - k) // s + 1
-        impl = 'matmul' if use_matmul_conv(k, out_h, out_w, self.features) else 'xla'
-    if impl == 'matmul':
+    if self.impl == 'matmul':
       return matmul_conv(x, w, s, p)
-    return jax.lax.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)),
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if cpu_auto:
+      out_h = (x.shape[1] + 2 * p - k) // s + 1
+      out_w = (x.shape[2] + 2 * p - k) // s + 1
+      return speed.conv(x, w, s, p, speed.conv_passes(k, out_h, out_w, self.features))
+    return speed.lax_conv(x, w, s, p)
 
 
 def torch_conv(features, kernel, stride=1, dtype=jnp.float32, name=None, param_dtype=jnp.float32,
@@ -287,13 +292,20 @@ class ResNet(nn.Module):
       raise ValueError(f'Expected NHWC images with 3 channels, got shape {x.shape}.')
     norm = functools.partial(TwinBatchNorm, twin=self.twin, share_affine=self.share_affine,
                              dtype=self.dtype, param_dtype=self.param_dtype)
+    # An integer upsampling factor is left to the stem (the normalisation is per pixel,
+    # so it commutes with nearest upsampling): see TorchConv and speed.upsampled_conv.
+    upsample = 1
     if self.resize is not None:
-      x = nearest_resize(x, self.resize)
+      h, w = x.shape[1:3]
+      if h == w and self.resize % h == 0:
+        upsample = self.resize // h
+      else:
+        x = nearest_resize(x, self.resize)
     x = (x - jnp.asarray(self.mean, x.dtype)) / jnp.asarray(self.std, x.dtype)
     x = x.astype(self.dtype)
 
     x = torch_conv(self.width, 7, 2, self.dtype, name='conv1', param_dtype=self.param_dtype,
-                   impl=self.conv_impl)(x)
+                   impl=self.conv_impl)(x, upsample)
     x = nn.relu(norm(name='bn1')(x, mode))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 

@@ -13,6 +13,9 @@ BENCHMARKS.md has what each changes.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
 from typing import Mapping, Optional
 
 import jax
@@ -24,6 +27,28 @@ import numpy as np
 # output maps; see use_matmul_conv and BENCHMARKS.md), lax.conv elsewhere and on
 # every other backend. The same function either way; only the rounding differs.
 CONV_IMPLS = ('auto', 'xla', 'matmul')
+
+# The levers of conv_impl='auto' on CPU beyond the matrix products, all on. Benchmarks
+# switch them off (``with levers(upsampled_stem=False): ...`` around the tracing) to
+# measure what each changes; read when a model is traced.
+LEVERS = dict(
+    hwio_input_grad=True,  # 3x3/7x7 input gradients with an explicit HWIO kernel
+    upsampled_stem=True,  # the stem after an integer nearest upsampling: upsampled_conv
+)
+
+
+@contextlib.contextmanager
+def levers(**settings):
+  """Sets :data:`LEVERS` inside the ``with`` block (for benchmarks)."""
+  unknown = set(settings) - set(LEVERS)
+  if unknown:
+    raise ValueError(f'Unknown levers {sorted(unknown)}; known: {sorted(LEVERS)}.')
+  old = dict(LEVERS)
+  LEVERS.update(settings)
+  try:
+    yield
+  finally:
+    LEVERS.update(old)
 
 
 def use_matmul_conv(kernel: int, out_h: int, out_w: int, out_channels: int) -> bool:
@@ -63,6 +88,150 @@ def matmul_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.A
   # its fast matmul library; dots contracting several axes go to a slower path).
   y = jnp.dot(patches.reshape(-1, patches.shape[-1]), kernel.reshape(-1, cout))
   return y.reshape(n, ho, wo, cout)
+
+
+def lax_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+  """``lax.conv`` as the models use it: NHWC, HWIO, symmetric padding."""
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def hwio_input_grad(g: jax.Array, kernel: jax.Array, in_hw: tuple[int, int], stride: int,
+                    pad: int) -> jax.Array:
+  """The input gradient of :func:`lax_conv`, as a convolution whose kernel is materialised
+  in HWIO order.
+
+  It is the transposed convolution JAX's own rule builds (``g`` dilated by the stride,
+  convolved with the spatially flipped kernel, input and output channels swapped), but
+  JAX leaves the swap to the convolution's dimension numbers (``01oi``), and XLA:CPU
+  runs a convolution with an ``01oi`` kernel through a slow generic path: inside the PGD
+  loop that made every 3x3 input gradient 4-6x slower than its forward. Here the flipped,
+  swapped kernel is a real HWIO array (an ``optimization_barrier`` keeps XLA from folding
+  the transpose back into the dimension numbers), so XLA hands the convolution to its
+  fast library. Same function; the kernel costs one copy.
+  """
+  kh, kw = kernel.shape[:2]
+  flipped = jax.lax.optimization_barrier(jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+  padding = [(k - 1 - pad, size - 1 - (out - 1) * stride + pad)
+             for k, size, out in zip((kh, kw), in_hw, g.shape[1:3])]
+  return jax.lax.conv_general_dilated(g, flipped, (1, 1), padding, lhs_dilation=(stride, stride),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+# The implementations of each pass of a convolution (see conv):
+PASS_IMPLS = dict(
+    fwd=('xla', 'matmul'),  # lax.conv, or matmul_conv
+    dx=('xla', 'hwio', 'matmul'),  # JAX's transpose of lax.conv, hwio_input_grad, or matmul_conv's
+    dw=('xla', 'matmul'),  # JAX's transpose of lax.conv, or of matmul_conv
+)
+
+
+def _forward(impl, x, kernel, stride, pad):
+  return (matmul_conv if impl == 'matmul' else lax_conv)(x, kernel, stride, pad)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, kernel, stride, pad, impls):
+  return _forward(impls[0], x, kernel, stride, pad)
+
+
+def _conv_fwd(x, kernel, stride, pad, impls):
+  return _forward(impls[0], x, kernel, stride, pad), (x, kernel)
+
+
+def _conv_bwd(stride, pad, impls, res, g):
+  x, kernel = res
+  _, dx_impl, dw_impl = impls
+  if dx_impl == 'hwio':
+    dx = hwio_input_grad(g, kernel, x.shape[1:3], stride, pad)
+  else:
+    dx = jax.vjp(lambda x: _forward(dx_impl, x, kernel, stride, pad), x)[1](g)[0]
+  dw = jax.vjp(lambda k: _forward(dw_impl, x, k, stride, pad), kernel)[1](g)[0]
+  return dx, dw
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
+         impls: tuple[str, str, str] = ('xla', 'hwio', 'xla')) -> jax.Array:
+  """:func:`lax_conv` whose forward, input gradient and weight gradient are each computed
+  by the implementation ``impls`` names (:data:`PASS_IMPLS`; :func:`conv_passes` is the
+  CPU rule of ``conv_impl='auto'``). Every choice is the same function, summed in
+  another order. A ``custom_vjp``: reverse-mode only.
+  """
+  impls = tuple(impls)
+  for name, impl in zip(PASS_IMPLS, impls):
+    if impl not in PASS_IMPLS[name]:
+      raise ValueError(f'{name} implementation must be one of {PASS_IMPLS[name]}, got {impl!r}.')
+  if impls == ('matmul',) * 3:
+    return matmul_conv(x, kernel, stride, pad)
+  if impls == ('xla',) * 3:
+    return lax_conv(x, kernel, stride, pad)
+  return _conv(x, kernel, stride, pad, impls)
+
+
+def conv_passes(kernel: int, out_h: int, out_w: int, out_channels: int) -> tuple[str, str, str]:
+  """The CPU rule of ``conv_impl='auto'``: the implementation of each pass (see conv)."""
+  if use_matmul_conv(kernel, out_h, out_w, out_channels):
+    return ('matmul', 'matmul', 'matmul')
+  return ('xla', 'hwio' if LEVERS['hwio_input_grad'] else 'xla', 'xla')
+
+
+def _upsample_taps(size: int, factor: int, k: int, stride: int, pad: int):
+  """For :func:`upsampled_conv`, along one axis: the output phase period P, the source
+  stride S, the source padding (lo, hi), the blocks A and the 0/1 matrix M[b, t, r] (output
+  phase b, source tap t, kernel tap r), or None when nothing is gained."""
+  g = math.gcd(stride, factor)
+  period, src_stride = factor // g, stride // g
+  out = (size * factor + 2 * pad - k) // stride + 1
+  # Upsampled row of output i = period * a + b, kernel tap r: stride * i - pad + r; its
+  # source row is floor(that / factor) = src_stride * a + offset[b, r].
+  offset = np.array([[(stride * b - pad + r) // factor for r in range(k)] for b in range(period)])
+  lo, top = int(offset.min()), int(offset.max())
+  taps = top - lo + 1
+  blocks = -(-out // period)
+  onehot = (offset[:, None, :] - lo == np.arange(taps)[None, :, None]).astype(np.float32)
+  pad_hi = (blocks - 1) * src_stride + top - (size - 1)
+  return period, src_stride, (-lo, pad_hi), blocks, out, onehot
+
+
+def upsampled_conv(x: jax.Array, kernel: jax.Array, factor: int, stride: int,
+                   pad: int) -> jax.Array:
+  """``lax_conv(nearest_upsample(x, factor), kernel, stride, pad)`` without upsampling.
+
+  With an integer factor f, output row i of the convolution reads upsampled rows
+  ``stride * i - pad + r`` (r < k), i.e. source rows ``floor((stride * i - pad + r) / f)``;
+  these depend on i only through its phase ``b = i mod P`` (``P = f / gcd(stride, f)``)
+  and a shift of ``stride / gcd`` source rows per period. So each output phase is a
+  convolution of the *source* image with a small kernel whose taps are sums of the
+  original taps that read the same source pixel, and the P x P phases are one
+  convolution with P*P times the output channels, interleaved afterwards (depth to
+  space). Zero padding maps to zero padding. The same function, summed in another order.
+  The ResNet stem at 224 from 32x32 (f=7, 7x7, stride 2, pad 3) becomes a 4x4,
+  stride-2 convolution of the 32x32 image with 49 * 64 outputs, as one matrix product:
+  a third of the multiply-adds, and the input gradient lands on the 32x32 image directly.
+  """
+  n, h, w, cin = x.shape
+  kh, kw, _, cout = kernel.shape
+  ph, sh, pad_h, ah, oh, mh = _upsample_taps(h, factor, kh, stride, pad)
+  pw, sw, pad_w, aw, ow, mw = _upsample_taps(w, factor, kw, stride, pad)
+  if sh != sw or ph != pw:
+    raise ValueError('upsampled_conv needs the same phase structure along both axes.')
+  # W_eff[t, u, cin, (b, c, cout)] = sum_{r, s} M_h[b, t, r] M_w[c, u, s] W[r, s, cin, cout],
+  # summed in at least float32 (a bfloat16 model still sums its taps in float32).
+  acc = jnp.promote_types(kernel.dtype, jnp.float32)
+  mh, mw = jnp.asarray(mh, acc), jnp.asarray(mw, acc)
+  eff = jnp.einsum('btr,cus,rsio->tuibco', mh, mw, kernel.astype(acc), precision='highest')
+  eff = eff.reshape(mh.shape[1], mw.shape[1], cin, ph * pw * cout).astype(x.dtype)
+  xp = jnp.pad(x, ((0, 0), (max(pad_h[0], 0), max(pad_h[1], 0)),
+                   (max(pad_w[0], 0), max(pad_w[1], 0)), (0, 0)))
+  xp = xp[:,
+          max(-pad_h[0], 0):xp.shape[1] - max(-pad_h[1], 0),
+          max(-pad_w[0], 0):xp.shape[2] - max(-pad_w[1], 0)]
+  y = matmul_conv(xp, eff, sh, 0)  # (n, ah, aw, ph * pw * cout)
+  y = y.reshape(n, ah, aw, ph, pw, cout).transpose(0, 1, 3, 2, 4, 5)
+  return y.reshape(n, ah * ph, aw * pw, cout)[:, :oh, :ow]
 
 
 def _folded_conv_name(bn_name: str) -> Optional[str]:
