@@ -232,3 +232,21 @@ def test_auto_rule():
   assert not speed.use_matmul_conv(7, 16, 16, 64)  # the stem
   assert speed.conv_passes(1, 56, 56, 64) == ('matmul',) * 3
   assert speed.conv_passes(3, 56, 56, 64) == ('xla', 'hwio', 'xla')
+
+
+def test_levers_switch_and_restore():
+  """``speed.levers`` switches a lever off only inside its block (what bench/ab_step.py
+  measures), and the model traced there is still the same function."""
+  assert speed.conv_passes(3, 56, 56, 64) == ('xla', 'hwio', 'xla')
+  x = np.random.default_rng(3).uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+  model = models.create_model('tiny_resnet', 10, resize=64, conv_impl='auto')
+  variables = models.init_variables(model, 0)
+  on = model.apply(variables, x, mode=models.EVAL)
+  with speed.levers(hwio_input_grad=False, upsampled_stem=False):
+    assert speed.conv_passes(3, 56, 56, 64) == ('xla', 'xla', 'xla')
+    off = model.apply(variables, x, mode=models.EVAL)
+  assert speed.conv_passes(3, 56, 56, 64) == ('xla', 'hwio', 'xla')
+  assert flax_torch.rel_err(on, off) < 1e-5
+  with pytest.raises(ValueError, match='Unknown levers'):
+    with speed.levers(fast_mode=True):
+      pass
