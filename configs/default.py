@@ -69,6 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_random_start = False  # the reference's test(): PGD from the clean image
   c.autoattack = 'none'  # 'none' | 'fast' | 'standard' (final report and mode=eval)
   c.autoattack_max_examples = 0  # 0: the whole test set
+  # Examples per AutoAttack chunk: the unit of progress saved in workdir/autoattack/ (a killed
+  # evaluation resumes from the last finished chunk) and of the work shared among processes.
+  c.autoattack_chunk = 1000
   c.sanity_examples = 1000  # test examples for the eps-curve sanity check (0: all)
 
   # Run.

@@ -136,3 +136,41 @@ def assert_trees_equal(a, b, note: str = ''):
     assert x.dtype == y.dtype and x.shape == y.shape, (jax.tree_util.keystr(path), note)
     assert x.tobytes() == y.tobytes(), (
         f'{jax.tree_util.keystr(path)} differs (max |diff| {np.max(np.abs(x - y))}) {note}')
+
+
+def train_plain(model, datasets, steps: int = 150, batch: int = 64, lr: float = 3e-3,
+                seed: int = 0):
+  """A few steps of standard (clean) Adam training of ``model`` (Adaptive Net, its BN in
+  training mode) on ``datasets.train``: a model whose predictions mean something, for
+  tests of attacks and evaluation. Returns the variables."""
+  import optax
+  from twins_jax import data, models
+  n = len(datasets.train)
+  images, labels = zip(*(datasets.train[i] for i in range(n)))
+  x = np.stack([
+      data.transform(im, train=False, augment=datasets.augment, image_size=datasets.image_size,
+                     resize_size=datasets.resize_size, rng=None) for im in images
+  ]).astype(np.float32)
+  y = np.asarray(labels, np.int32)
+  variables = models.init_variables(model, seed)
+  opt = optax.adam(lr)
+
+  @jax.jit
+  def step(variables, opt_state, xb, yb):
+
+    def loss(params):
+      logits, upd = model.apply({**variables, 'params': params}, xb, mode=models.TRAIN,
+                                mutable=['batch_stats'])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), upd
+
+    grads, upd = jax.grad(loss, has_aux=True)(variables['params'])
+    updates, opt_state = opt.update(grads, opt_state)
+    return {**variables, **upd, 'params': optax.apply_updates(variables['params'],
+                                                              updates)}, opt_state
+
+  opt_state = opt.init(variables['params'])
+  rng = np.random.default_rng(seed)
+  for _ in range(steps):
+    idx = rng.choice(n, batch, replace=False)
+    variables, opt_state = step(variables, opt_state, x[idx], y[idx])
+  return variables

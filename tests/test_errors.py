@@ -268,6 +268,15 @@ def test_configuration_errors(overrides, match):
     setup.check_config(tiny_config(**overrides))
 
 
+def test_autoattack_needs_four_classes():
+  """Refused before training, not after it (APGD-T's targeted DLR loss needs 4 classes)."""
+  config = tiny_config(autoattack='fast')
+  with pytest.raises(errors.ConfigError, match="needs at least 4 classes.*autoattack='none'"):
+    setup.check_data(config, 3)
+  setup.check_data(config, 4)
+  setup.check_data(tiny_config(autoattack='none'), 2)
+
+
 # ------------------------------------------------------------------ pretrained weights
 
 

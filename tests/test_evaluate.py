@@ -25,7 +25,7 @@ def test_sanity_flags_catch_violations():
 
 
 def test_eval_mode_reports_autoattack(tmp_path):
-  spec = models.ModelSpec(arch='tiny_resnet', num_classes=3, resize=None, twin=True,
+  spec = models.ModelSpec(arch='tiny_resnet', num_classes=4, resize=None, twin=True,
                           share_affine=False)
   variables = models.init_variables(spec.build(), 0)
   model_io.save_model_dir(tmp_path / 'model', jax.device_get(variables), spec)
@@ -33,7 +33,7 @@ def test_eval_mode_reports_autoattack(tmp_path):
   config = demo_config.get_config()
   for k in ('source_classes', 'target_classes', 'source_epochs', 'source_lr', 'target_epochs'):
     del config[k]
-  config.update(mode='eval', pretrained=str(tmp_path / 'model'), digits_classes=(0, 1, 2),
+  config.update(mode='eval', pretrained=str(tmp_path / 'model'), digits_classes=(0, 1, 2, 3),
                 image_size=16, autoattack='fast', autoattack_max_examples=20, sanity_examples=40,
                 eval_attack_steps=2, eval_batch_size=32, compilation_cache_dir='none')
   result = train.train_and_evaluate(config, tmp_path / 'eval')
@@ -84,3 +84,72 @@ def test_sharded_evaluation_equals_one_device():
   assert len(jax.devices()) == 8
   assert results[0] == results[1]
   assert results[0]['num_examples'] == len(datasets.test) and 0 < results[0]['pgd_acc'] <= 1
+
+
+class _Killed(Exception):
+  pass
+
+
+def _aa_setup(**overrides):
+  from twins_jax import data
+  from helpers import tiny_config, train_plain
+  config = tiny_config(autoattack='fast', autoattack_max_examples=24, autoattack_chunk=8, eps=0.004,
+                       **overrides)
+  datasets = data.build_datasets(setup.data_config(config))
+  model = models.create_model('tiny_resnet', 10, twin=True)
+  return config, datasets, model, train_plain(model, datasets)
+
+
+def test_autoattack_resumes_from_finished_chunks(tmp_path, monkeypatch):
+  """A killed AutoAttack evaluation keeps its finished chunks: run again, it attacks only
+  the others and reports the same numbers as an uninterrupted run (and as a run without
+  records, with another chunking, and on one device instead of 8)."""
+  from twins_jax import autoattack as aa
+  from twins_jax import parallel
+  config, datasets, model, variables = _aa_setup()
+  mesh = parallel.data_mesh()
+  assert mesh.devices.size == 8
+  reference = evaluate.autoattack_accuracy(model, variables, datasets, config, mesh)
+  assert reference['autoattack_examples'] == 24
+  after = reference['autoattack_after']
+  assert after['clean'] > after['apgd-t'] > 0  # the numbers are not trivially 0 or equal
+
+  real, calls, die_at = aa.autoattack, [], [3]
+
+  def dies_on_third_chunk(*args, **kwargs):
+    calls.append(kwargs['index_offset'])
+    if len(calls) == die_at[0]:
+      raise _Killed  # killed in the middle of the last chunk
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(aa, 'autoattack', dies_on_third_chunk)
+  with pytest.raises(_Killed):
+    evaluate.autoattack_accuracy(model, variables, datasets, config, mesh, workdir=tmp_path)
+  (record_dir,) = (tmp_path / 'autoattack').iterdir()
+  assert sorted(p.name for p in record_dir.glob('chunk_*.json')) == [
+      'chunk_00000000.json', 'chunk_00000008.json'
+  ]
+  calls.clear()
+  die_at[0] = 0
+  resumed = evaluate.autoattack_accuracy(model, variables, datasets, config, mesh, workdir=tmp_path)
+  assert calls == [16]  # only the unfinished chunk
+  assert resumed == reference
+  calls.clear()  # all finished: nothing is attacked again
+  assert evaluate.autoattack_accuracy(model, variables, datasets, config, mesh,
+                                      workdir=tmp_path) == reference
+  assert calls == []
+
+  # Another model, another seed or other attack settings do not reuse these records.
+  other = dict(config.to_dict(), seed=1)
+  evaluate.autoattack_accuracy(model, variables, datasets,
+                               type(config)(other), mesh, workdir=tmp_path)
+  assert calls == [0, 8, 16]
+  assert len(list((tmp_path / 'autoattack').iterdir())) == 2
+
+  # Each example's randomness follows its global index: one chunk, or one device, gives
+  # the same numbers.
+  monkeypatch.setattr(aa, 'autoattack', real)
+  one_chunk = type(config)(dict(config.to_dict(), autoattack_chunk=24))
+  assert evaluate.autoattack_accuracy(model, variables, datasets, one_chunk, mesh) == reference
+  one_device = parallel.data_mesh(jax.devices()[:1])
+  assert evaluate.autoattack_accuracy(model, variables, datasets, config, one_device) == reference

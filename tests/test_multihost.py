@@ -299,3 +299,54 @@ def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path, request):
   spec = model_io.read_model_json(workdir / 'best_model')['spec']
   step, state, _ = _restore_last(workdir, spec)
   assert step == int(state.step) == 6 * STEPS
+
+
+def test_two_hosts_evaluate_like_one_host(tmp_path, request):
+  """``mode=eval`` with AutoAttack on two processes x 4 devices reports what one process x 8
+  devices does: clean and PGD over every test example once (batches sharded over both
+  hosts), AutoAttack chunks shared among the processes (each sharded over its own 4
+  devices), and each host records its own chunks in the shared workdir."""
+  from twins_jax import data, setup
+  from helpers import tiny_config, train_plain
+  cache = getattr(request.config, 'cache', None)
+  cache = Path(cache.mkdir('twins_jax_xla_cache')) if cache else tmp_path / 'jax_cache'
+  config = tiny_config(digits_classes=(0, 1, 2))
+  datasets = data.build_datasets(setup.data_config(config))
+  spec = models.ModelSpec(arch='tiny_resnet', num_classes=3, resize=None, twin=True,
+                          share_affine=False)
+  model = spec.build()
+  model_io.save_model_dir(tmp_path / 'model', jax.device_get(train_plain(model, datasets, 100)),
+                          spec)
+  flags = [
+      '--config=configs/default.py', '--config.mode=eval', f'--config.pretrained={tmp_path}/model',
+      '--config.arch=tiny_resnet', '--config.resize=0', '--config.dataset=digits',
+      '--config.digits_classes=(0,1,2)', '--config.image_size=16', '--config.eval_batch_size=64',
+      '--config.eval_attack_steps=2', '--config.eps=0.02', '--config.autoattack=fast',
+      '--config.autoattack_max_examples=40', '--config.autoattack_chunk=8',
+      '--config.sanity_examples=64'
+  ] + _cache_flags(cache)
+  main = [sys.executable, str(ROOT / 'main.py')]
+  multi, single = tmp_path / 'multi', tmp_path / 'single'
+  port = _free_port()
+  _launch([(main + flags + [
+      f'--workdir={multi}', f'--coordinator_address=localhost:{port}', '--num_processes=2',
+      f'--process_id={i}'
+  ], _env(4, cache), tmp_path / f'process_{i}.log') for i in range(2)], RUN_TIMEOUT_S)
+  _launch([(main + flags + [f'--workdir={single}'], _env(8, cache), tmp_path / 'single.log')],
+          RUN_TIMEOUT_S)
+  res_m = json.loads((multi / 'eval_results.json').read_text())
+  res_s = json.loads((single / 'eval_results.json').read_text())
+  print('\none process:', {k: res_s[k] for k in ('clean_acc', 'pgd_acc', 'autoattack_after')})
+  assert res_m['num_examples'] == res_s['num_examples'] == 135
+  assert res_m['autoattack_examples'] == res_s['autoattack_examples'] == 40
+  after = res_s['autoattack_after']
+  assert after['clean'] > after['apgd-t'] > 0  # not a trivial model
+  for k in ('clean_acc', 'pgd_acc', 'autoattack_acc', 'autoattack_after', 'eps_curve'):
+    assert res_m[k] == res_s[k], k
+  # 5 chunks: process 0 attacked 0, 16, 32 and process 1 attacked 8, 24.
+  (records,) = (multi / 'autoattack').iterdir()
+  assert sorted(p.name for p in records.glob('chunk_*.json')) == [
+      f'chunk_{s:08d}.json' for s in (0, 8, 16, 24, 32)
+  ]
+  log1 = (tmp_path / 'process_1.log').read_text()
+  assert 'jax.distributed: process 1 of 2, 4 local of 8 devices' in log1

@@ -12,11 +12,15 @@ gives the clean accuracy; AutoAttack <= PGD <= clean; accuracy does not rise wit
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -67,11 +71,8 @@ class Evaluator:
     }
 
 
-def _host_examples(datasets, config, limit: int) -> tuple[np.ndarray, np.ndarray]:
-  """This process's contiguous share of the (first ``limit``) test examples."""
-  n = len(datasets.test) if not limit else min(limit, len(datasets.test))
-  per = -(-n // jax.process_count())
-  lo, hi = jax.process_index() * per, min(n, (jax.process_index() + 1) * per)
+def _examples(datasets, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+  """Test examples ``lo..hi-1``, transformed for evaluation."""
   images, labels = [], []
   for i in range(lo, hi):
     image, label = datasets.test[i]
@@ -91,36 +92,144 @@ def _allgather_sum(values: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(values)).sum(0)
 
 
-def autoattack_accuracy(model, variables, datasets, config, mesh=None, chunk: int = 1000) -> dict:
+# Bump when a change to the attacks or to their randomness changes what a chunk records:
+# chunk files of another version are then not reused.
+AUTOATTACK_FORMAT = 2
+
+
+def autoattack_fingerprint(variables, config, n: int, chunk: int,
+                           image_size: int) -> tuple[str, dict]:
+  """What a chunk's result depends on: the model's variables (hashed), the attack settings,
+  the seed, the data and the chunking. Returns ``(hex digest, the settings)``."""
+  h = hashlib.sha256()
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(jax.device_get(variables)), sep='/')
+  for name in sorted(flat):
+    a = np.asarray(flat[name])
+    h.update(f'{name}:{a.dtype}:{a.shape};'.encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  settings = {
+      'format': AUTOATTACK_FORMAT, 'variables_sha256': h.hexdigest(), 'version': config.autoattack,
+      'norm': config.norm, 'eps': float(config.eps), 'seed': int(config.seed),
+      'dataset': config.dataset, 'data_dir': str(config.data_dir), 'image_size': int(image_size),
+      'resize': int(config.resize), 'examples': int(n), 'chunk': int(chunk)
+  }
+  digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+  return digest, settings
+
+
+def _write_json(path: Path, obj) -> None:
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(json.dumps(obj))
+  os.replace(tmp, path)  # a chunk file is whole or absent
+
+
+def _read_chunk(path: Path, start: int, stop: int, names: list) -> Optional[dict]:
+  """A finished chunk's record, or None if it is missing or does not fit (then it is
+  attacked again)."""
+  try:
+    rec = json.loads(path.read_text())
+    if (rec['start'], rec['stop'], rec['names']) == (start, stop, names):
+      return rec
+  except FileNotFoundError:
+    return None
+  except (ValueError, KeyError, TypeError) as e:
+    log.warning('AutoAttack: ignoring unreadable chunk record %s (%s); attacking it again', path, e)
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_apply(model):
+  """``(variables, x) -> logits`` of ``model`` in eval mode: one function per model, so
+  the attacks compiled for one set of variables serve every other (the best and the last
+  model of a run)."""
+  return lambda variables, x: model.apply(variables, x, mode=models.EVAL)
+
+
+def autoattack_accuracy(model, variables, datasets, config, mesh=None,
+                        workdir: Optional[Path] = None) -> dict:
   """AutoAttack (``config.autoattack``: 'fast' or 'standard') on the test set.
 
-  Returns the robust accuracy after each attack and overall. Examples are attacked
-  in chunks of ``chunk`` so memory stays bounded; each process takes its own share.
+  Returns the robust accuracy after each attack and overall. The (first
+  ``autoattack_max_examples``) test examples are cut into chunks of
+  ``config.autoattack_chunk``; chunk ``c`` goes to process ``c % process_count`` and is
+  sharded over that process's devices (its part of ``mesh``). Every example draws its
+  randomness from the seed and its global index, so the numbers do not depend on the
+  number of devices, processes or on the chunking.
+
+  With a ``workdir``, each finished chunk is recorded in
+  ``workdir/autoattack/<fingerprint>/`` (the fingerprint covers the model's variables,
+  the attack settings, the seed, the data and the chunking): a killed evaluation run
+  again skips the chunks already done and gives the same numbers.
   """
   variables = jax.device_get(variables)
-  logits_fn = jax.tree_util.Partial(lambda v, x: model.apply(v, x, mode=models.EVAL), variables)
-  x, y = _host_examples(datasets, config, config.autoattack_max_examples)
-  key = jax.random.fold_in(jax.random.key(config.seed), 3 + jax.process_index())
-  counts, names = None, None
-  bar = reporting.progress(range(0, len(x), chunk), total=-(-len(x) // chunk),
-                           desc=f'AutoAttack ({config.autoattack})', unit='chunk')
-  for start in bar:
-    xs, ys = x[start:start + chunk], y[start:start + chunk]
-    _, robust, accs = aa.autoattack(logits_fn, xs, ys, jax.random.fold_in(key, start),
-                                    norm=config.norm, eps=config.eps, version=config.autoattack,
-                                    batch_size=min(len(xs), config.eval_batch_size),
+  logits_fn = jax.tree_util.Partial(_eval_apply(model), variables)
+  n_test = len(datasets.test)
+  limit = config.autoattack_max_examples
+  n = n_test if not limit else min(limit, n_test)
+  chunk = int(config.autoattack_chunk)
+  n_proc, proc = jax.process_count(), jax.process_index()
+  chunks = [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
+  mine = [c for i, c in enumerate(chunks) if i % n_proc == proc]
+  names = ['clean'] + list(aa.suite.VERSIONS[config.autoattack])
+  # This process's devices of ``mesh`` (all of them with one process).
+  local = [] if mesh is None else [d for d in mesh.devices.flat if d.process_index == proc]
+  local_mesh = parallel.data_mesh(local) if len(local) > 1 else None
+  key = jax.random.fold_in(jax.random.key(config.seed), 3)
+  batch = max(1, config.eval_batch_size // n_proc)
+
+  record_dir = None
+  if workdir is not None:
+    digest, settings = autoattack_fingerprint(variables, config, n, chunk, datasets.image_size)
+    record_dir = Path(workdir) / 'autoattack' / digest[:16]
+    try:
+      record_dir.mkdir(parents=True, exist_ok=True)
+      if proc == 0:
+        _write_json(record_dir / 'settings.json', settings)
+    except OSError as e:
+      raise errors.WorkdirError(f'cannot write AutoAttack progress to {record_dir} ({e}); '
+                                'free space or choose another --workdir') from e
+
+  counts = np.zeros(len(names) + 2)  # robust after each stage, robust at the end, examples
+  todo, done = [], 0
+  for start, stop in mine:
+    rec = None if record_dir is None else _read_chunk(record_dir /
+                                                      f'chunk_{start:08d}.json', start, stop, names)
+    if rec is None:
+      todo.append((start, stop))
+    else:
+      counts += np.asarray(rec['counts'], np.float64)
+      done += 1
+  if done:
+    log.info(
+        'AutoAttack: %d of %d chunks of this process already done (%s); attacking the '
+        'other %d', done, len(mine), record_dir, len(todo))
+  bar = reporting.progress(todo, total=len(todo), desc=f'AutoAttack ({config.autoattack})',
+                           unit='chunk', enabled=True)
+  for start, stop in bar:
+    xs, ys = _examples(datasets, start, stop)
+    _, robust, accs = aa.autoattack(logits_fn, xs, ys, key, norm=config.norm, eps=config.eps,
+                                    version=config.autoattack, batch_size=min(len(xs), batch),
+                                    mesh=local_mesh, index_offset=start,
                                     progress=lambda s: log.debug('%s', s))
-    names = list(accs)
-    c = np.asarray([accs[k] * len(xs) for k in names] + [float(np.sum(robust)), len(xs)])
-    counts = c if counts is None else counts + c
-  if counts is None:  # this process had no examples
-    names = ['clean'] + list(aa.suite.VERSIONS[config.autoattack])
-    counts = np.zeros(len(names) + 2)
+    robust = np.asarray(robust)
+    c = [round(accs[k] * len(xs)) for k in names] + [int(robust.sum()), len(xs)]
+    if record_dir is not None:
+      try:
+        _write_json(
+            record_dir / f'chunk_{start:08d}.json', {
+                'start': start, 'stop': stop, 'names': names, 'counts': c, 'robust_indices':
+                    (start + np.nonzero(robust)[0]).tolist()
+            })
+      except OSError as e:
+        raise errors.WorkdirError(f'cannot record AutoAttack chunk {start}..{stop} in '
+                                  f'{record_dir} ({e}); free space and run again: the '
+                                  'finished chunks are kept') from e
+    counts += np.asarray(c, np.float64)
   counts = _allgather_sum(counts)
-  n = max(counts[-1], 1.0)
+  total = max(counts[-1], 1.0)
   return {
-      'autoattack_acc': float(counts[-2] / n),
-      'autoattack_after': {k: float(counts[i] / n) for i, k in enumerate(names)},
+      'autoattack_acc': float(counts[-2] / total),
+      'autoattack_after': {k: float(counts[i] / total) for i, k in enumerate(names)},
       'autoattack_examples': int(counts[-1]), 'autoattack_version': config.autoattack
   }
 
@@ -156,6 +265,7 @@ def evaluate_config(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     src = model_io.resolve_model_dir(src)
   mesh = parallel.data_mesh()
   datasets = setup.build_datasets(config)
+  setup.check_data(config, datasets.num_classes)
   spec = setup.model_spec(config, datasets.num_classes)
   if isinstance(src, Path) and src.is_dir():
     spec = model_io.read_model_json(src)['spec']
@@ -187,7 +297,7 @@ def evaluate_config(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     eps_curve[eps] = evaluator(variables, batches(subset), key, desc=f'sanity eps={eps:.4g}',
                                eps=eps)
   if config.autoattack != 'none':
-    result.update(autoattack_accuracy(model, variables, datasets, config, mesh))
+    result.update(autoattack_accuracy(model, variables, datasets, config, mesh, workdir))
     if result['autoattack_examples'] < result['num_examples']:
       # Compare AutoAttack with PGD on the same examples.
       aa_subset = data.SubsetSource(datasets.test, np.arange(result['autoattack_examples']))

@@ -57,7 +57,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                'sanity_examples', 'checkpoint_every_steps', 'profile_steps'):
     _at_least(config, name, 0, 'non-negative')
   for name in ('eval_batch_size', 'log_every_steps', 'keep_checkpoints', 'eval_every_epochs',
-               'data_threads'):
+               'data_threads', 'autoattack_chunk'):
     _at_least(config, name, 1)
   _at_least(config, 'data_workers', -1, '-1 (auto), 0 or more')
   if not 0 <= config.momentum < 1 or not 0 < config.lr_gamma <= 1:
@@ -106,6 +106,14 @@ def model_spec(config, num_classes: int) -> models.ModelSpec:
   twin = config.method in objectives.TWIN_METHODS
   return models.ModelSpec(config.arch, num_classes, resize=config.resize or None, twin=twin,
                           share_affine=bool(config.share_affine) and twin)
+
+
+def check_data(config, num_classes: int) -> None:
+  """Checks of the config that need the dataset (its number of classes)."""
+  if config.autoattack != 'none' and num_classes < 4:
+    raise ConfigError(f"config.autoattack='{config.autoattack}' needs at least 4 classes (APGD-T's "
+                      f'targeted DLR loss compares the 3rd and 4th largest logits), but the data '
+                      f"has {num_classes}; set config.autoattack='none'.")
 
 
 def build_model(config, spec: models.ModelSpec) -> models.ResNet:
@@ -198,7 +206,7 @@ RERUN_SAFE_KEYS = frozenset({
     'num_epochs', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
     'async_checkpoints', 'compilation_cache_dir', 'data_workers', 'data_threads', 'profile_steps',
     'conv_impl', 'eval_batch_size', 'eval_every_epochs', 'eval_attack_steps', 'eval_random_start',
-    'autoattack', 'autoattack_max_examples', 'sanity_examples'
+    'autoattack', 'autoattack_max_examples', 'autoattack_chunk', 'sanity_examples'
 })
 # What a workdir holds once a run has done something in it.
 _RUN_STATE = ('checkpoints', 'final_model', 'best_model', 'results.json', 'eval_results.json',

@@ -113,6 +113,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   n_proc, proc = jax.process_count(), jax.process_index()
   parallel.check_batch_size(config.batch_size, mesh)
   datasets = setup.build_datasets(config)
+  setup.check_data(config, datasets.num_classes)
   spec = setup.model_spec(config, datasets.num_classes)
   model = setup.build_model(config, spec)
 
@@ -305,7 +306,7 @@ def final_report(config, workdir: Path, model, state, datasets, evaluator, key, 
         datasets.eval_batches('test', config.eval_batch_size, proc, n_proc,
                               **setup.pipeline_options(config)), key, desc=f'test ({name})')
     if config.autoattack != 'none':
-      test.update(evaluate.autoattack_accuracy(model, variables, datasets, config, mesh))
+      test.update(evaluate.autoattack_accuracy(model, variables, datasets, config, mesh, workdir))
     rows[name] = test
   results = {
       'method': config.method, 'dataset': config.dataset, 'workdir': str(workdir),
