@@ -310,9 +310,9 @@ def test_two_hosts_evaluate_like_one_host(tmp_path, request):
   from helpers import tiny_config, train_plain
   cache = getattr(request.config, 'cache', None)
   cache = Path(cache.mkdir('twins_jax_xla_cache')) if cache else tmp_path / 'jax_cache'
-  config = tiny_config(digits_classes=(0, 1, 2))
+  config = tiny_config(digits_classes=(0, 1, 2, 3))
   datasets = data.build_datasets(setup.data_config(config))
-  spec = models.ModelSpec(arch='tiny_resnet', num_classes=3, resize=None, twin=True,
+  spec = models.ModelSpec(arch='tiny_resnet', num_classes=4, resize=None, twin=True,
                           share_affine=False)
   model = spec.build()
   model_io.save_model_dir(tmp_path / 'model', jax.device_get(train_plain(model, datasets, 100)),
@@ -320,7 +320,7 @@ def test_two_hosts_evaluate_like_one_host(tmp_path, request):
   flags = [
       '--config=configs/default.py', '--config.mode=eval', f'--config.pretrained={tmp_path}/model',
       '--config.arch=tiny_resnet', '--config.resize=0', '--config.dataset=digits',
-      '--config.digits_classes=(0,1,2)', '--config.image_size=16', '--config.eval_batch_size=64',
+      '--config.digits_classes=(0,1,2,3)', '--config.image_size=16', '--config.eval_batch_size=64',
       '--config.eval_attack_steps=2', '--config.eps=0.02', '--config.autoattack=fast',
       '--config.autoattack_max_examples=40', '--config.autoattack_chunk=8',
       '--config.sanity_examples=64'
@@ -337,7 +337,7 @@ def test_two_hosts_evaluate_like_one_host(tmp_path, request):
   res_m = json.loads((multi / 'eval_results.json').read_text())
   res_s = json.loads((single / 'eval_results.json').read_text())
   print('\none process:', {k: res_s[k] for k in ('clean_acc', 'pgd_acc', 'autoattack_after')})
-  assert res_m['num_examples'] == res_s['num_examples'] == 135
+  assert res_m['num_examples'] == res_s['num_examples'] == len(datasets.test)
   assert res_m['autoattack_examples'] == res_s['autoattack_examples'] == 40
   after = res_s['autoattack_after']
   assert after['clean'] > after['apgd-t'] > 0  # not a trivial model
