@@ -147,6 +147,7 @@ def bad_commands(tmp: Path) -> dict:
     if f.is_file() and f.parent.name == 'd':
       f.write_bytes(f.read_bytes()[:8])
   bad_images = make_folder(tmp / 'bad_images', classes=('a', 'b'), bad=('b/9.png',))
+  two = make_folder(tmp / 'two_classes', classes=('a', 'b'))
   (tmp / 'notes.txt').write_text('not an image')
   refused = setup.prepare_workdir(tiny_config(), tmp / 'finished')
   (refused / 'checkpoints' / '5').mkdir(parents=True)
@@ -193,6 +194,10 @@ def bad_commands(tmp: Path) -> dict:
           w('k'), *tiny, '--config.dataset=folder', f'--config.folder_train={bad_images}',
           f'--config.folder_test={bad_images}', '--config.batch_size=8'
       ], '9.png'),
+      'main: AutoAttack on 3 classes': (main + [
+          w('l'), *tiny, '--config.dataset=folder', f'--config.folder_train={two}',
+          f'--config.folder_test={two}', '--config.autoattack=fast'
+      ], 'at least 4 classes'),
       'main: workdir is a file': (main + [f'--workdir={tmp / "notes.txt"}'], 'is a file'),
       'main: workdir not writable': (main + [f'--workdir={read_only}'], 'cannot write'),
       'main: re-run with other settings':

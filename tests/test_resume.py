@@ -210,3 +210,58 @@ def test_sigterm_saves_stops_and_resumes_bit_exactly(compile_cache, tmp_path, un
   # stops (the window in progress is logged at the step the run stopped after).
   assert_same_run(run, uninterrupted, config, f'{note} (stopped after {first}, {second})',
                   metrics=False)
+
+
+def test_killed_autoattack_evaluation_resumes_from_its_chunks(compile_cache, tmp_path):
+  """``mode=eval`` with AutoAttack SIGKILLed after some chunks are recorded: run again, it
+  attacks only the chunks not yet done (it says so) and reports what an uninterrupted
+  evaluation reports."""
+  import jax
+  from twins_jax import data, models, setup
+  from helpers import train_plain
+  config = tiny_config(digits_classes=(0, 1, 2, 3))
+  datasets = data.build_datasets(setup.data_config(config))
+  spec = models.ModelSpec(arch='tiny_resnet', num_classes=4, resize=None, twin=True,
+                          share_affine=False)
+  model_io.save_model_dir(tmp_path / 'model',
+                          jax.device_get(train_plain(spec.build(), datasets, 100)), spec)
+  settings = dict(mode='eval', pretrained=str(tmp_path / 'model'), digits_classes=(0, 1, 2, 3),
+                  eps=0.02, autoattack='fast', autoattack_max_examples=96, autoattack_chunk=8,
+                  sanity_examples=32, eval_attack_steps=2)
+  env = subprocess_env(compile_cache)
+
+  def command(workdir):
+    return main_command(workdir, compile_cache, **settings)
+
+  ref, run = tmp_path / 'reference', tmp_path / 'killed'
+  proc = run_main(command(ref), env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  with open(tmp_path / 'killed.log', 'w') as stderr:
+    p = subprocess.Popen(command(run), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                         stderr=stderr)
+  try:
+    deadline = time.monotonic() + 600
+    while len(list(run.glob('autoattack/*/chunk_*.json'))) < 3:
+      assert p.poll() is None, (tmp_path / 'killed.log').read_text()[-3000:]
+      assert time.monotonic() < deadline
+      time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+  finally:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+  done = len(list(run.glob('autoattack/*/chunk_*.json')))
+  assert 3 <= done < 12, done  # killed in the middle: some chunks done, not all
+  assert not (run / 'eval_results.json').exists()
+
+  proc = run_main(command(run), env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'{done} of 12 chunks of this process already done' in proc.stderr, proc.stderr[-3000:]
+  a = json.loads((ref / 'eval_results.json').read_text())
+  b = json.loads((run / 'eval_results.json').read_text())
+  assert a['autoattack_examples'] == b['autoattack_examples'] == 96
+  assert a['autoattack_after']['clean'] > a['autoattack_acc'] > 0  # not a trivial model
+  for k in ('autoattack_acc', 'autoattack_after', 'clean_acc', 'pgd_acc'):
+    assert a[k] == b[k], k
