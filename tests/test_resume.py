@@ -212,6 +212,7 @@ def test_sigterm_saves_stops_and_resumes_bit_exactly(compile_cache, tmp_path, un
                   metrics=False)
 
 
+@pytest.mark.slow
 def test_killed_autoattack_evaluation_resumes_from_its_chunks(compile_cache, tmp_path):
   """``mode=eval`` with AutoAttack SIGKILLed after some chunks are recorded: run again, it
   attacks only the chunks not yet done (it says so) and reports what an uninterrupted
