@@ -239,8 +239,7 @@ def test_killed_autoattack_evaluation_resumes_from_its_chunks(compile_cache, tmp
   assert proc.returncode == 0, proc.stderr[-3000:]
 
   with open(tmp_path / 'killed.log', 'w') as stderr:
-    p = subprocess.Popen(command(run), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                         stderr=stderr)
+    p = subprocess.Popen(command(run), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
   try:
     deadline = time.monotonic() + 600
     while len(list(run.glob('autoattack/*/chunk_*.json'))) < 3:
