@@ -32,11 +32,9 @@ ROOT = os.path.dirname(HERE)
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--arch', default='resnet50')
-  p.add_argument('--resize', default='224')
-  p.add_argument('--batch', type=int, default=4)
-  p.add_argument('--method', default='twins_at', choices=('twins_at', 'twins_trades'))
-  p.add_argument('--attack-steps', type=int, default=10)
+  sys.path.insert(0, ROOT)
+  from bench import common
+  common.add_step_arguments(p)
   p.add_argument('--rounds', type=int, default=5)
   p.add_argument('--steps-per-round', type=int, default=1)
   p.add_argument('--variant', action='append', default=[], help='NAME=LEVER:0|1,...')

@@ -250,3 +250,31 @@ def test_levers_switch_and_restore():
   with pytest.raises(ValueError, match='Unknown levers'):
     with speed.levers(fast_mode=True):
       pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('script, extra', [
+    ('ab_step.py', ['--rounds', '2', '--variant', 'off=hwio_input_grad:0', '--variant', 'on=']),
+    ('profile_step.py', ['--steps', '1']),
+])
+def test_step_benchmarks_run(tmp_path, script, extra):
+  """bench/ab_step.py and bench/profile_step.py end to end on the tiny net (JAX side)."""
+  import json
+  import subprocess
+  import sys
+  from pathlib import Path
+  root = Path(__file__).resolve().parents[1]
+  out = tmp_path / 'out.json'
+  proc = subprocess.run([
+      sys.executable,
+      str(root / 'bench' / script), '--arch', 'tiny_resnet', '--resize', 'none', '--batch', '4',
+      '--attack-steps', '1', '--no-torch', '--json',
+      str(out), *extra
+  ], cwd=root, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  if script == 'ab_step.py':
+    assert set(result['images_per_s']) == {'off', 'on'}
+    assert all(v > 0 for v in result['images_per_s'].values())
+  else:
+    assert result['jax']
