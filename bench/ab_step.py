@@ -19,7 +19,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -28,13 +27,13 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from bench import common  # noqa: E402
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  sys.path.insert(0, ROOT)
-  from bench import common
-  common.add_step_arguments(p)
+  p = common.step_parser(__doc__)
   p.add_argument('--rounds', type=int, default=5)
   p.add_argument('--steps-per-round', type=int, default=1)
   p.add_argument('--variant', action='append', default=[], help='NAME=LEVER:0|1,...')

@@ -6,13 +6,17 @@ import collections
 import re
 
 
-def add_step_arguments(parser, resize: str = '224', batch: int = 4) -> None:
-  """The options that pick the TWINS step a per-step benchmark runs (ab_step, profile_step)."""
+def step_parser(doc: str, resize: str = '224', batch: int = 4):
+  """An argument parser (described by ``doc``'s first line) with the options that pick the
+  TWINS step a per-step benchmark runs (ab_step, profile_step)."""
+  import argparse
+  parser = argparse.ArgumentParser(description=doc.split('\n')[0])
   parser.add_argument('--arch', default='resnet50')
   parser.add_argument('--resize', default=resize, help="'none' (32x32 inputs) or a size")
   parser.add_argument('--batch', type=int, default=batch)
   parser.add_argument('--method', default='twins_at', choices=('twins_at', 'twins_trades'))
   parser.add_argument('--attack-steps', type=int, default=10)
+  return parser
 
 
 def xla_flops(compiled) -> float | None:

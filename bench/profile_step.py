@@ -25,7 +25,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -36,13 +35,13 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from bench import common  # noqa: E402
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  sys.path.insert(0, ROOT)
-  from bench import common
-  common.add_step_arguments(p)
+  p = common.step_parser(__doc__)
   p.add_argument('--steps', type=int, default=1, help='profiled steps (after one warm-up)')
   p.add_argument('--conv-impl', default='auto')
   p.add_argument('--no-torch', action='store_true')

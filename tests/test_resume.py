@@ -12,6 +12,7 @@ assertion messages).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -32,6 +33,29 @@ RESUME = dict(num_epochs=3, lr_milestones=(2,), checkpoint_every_steps=10, log_e
 TOTAL = 3 * DIGITS_STEPS_PER_EPOCH
 
 
+@contextlib.contextmanager
+def started(args, env, log: Path):
+  """Runs ``args`` in the background (stderr to ``log``); kills it on leaving the block if
+  it is still running."""
+  with open(log, 'w') as stderr:
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+  try:
+    yield proc
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
+def wait_for(proc, ready, log: Path, what: str, timeout: float = 900) -> None:
+  """Polls ``ready()`` until it holds; fails if ``proc`` exits first or on the timeout."""
+  deadline = time.monotonic() + timeout
+  while not ready():
+    assert proc.poll() is None, f'exited before {what}:\n{log.read_text()[-3000:]}'
+    assert time.monotonic() < deadline, f'no {what} in {timeout:.0f} s'
+    time.sleep(0.02)
+
+
 def kill_at_random_moment(args, env, rng: random.Random, min_step: int, max_step: int,
                           workdir: Path, note: str) -> int:
   """Starts ``args``, waits until a checkpoint of a random step in [min_step, max_step]
@@ -39,23 +63,14 @@ def kill_at_random_moment(args, env, rng: random.Random, min_step: int, max_step
   target = rng.randint(min_step, max_step)
   extra = rng.uniform(0.0, 1.5)
   log = workdir.parent / f'{workdir.name}.{target}.log'
-  with open(log, 'w') as stderr:
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-  try:
-    deadline = time.monotonic() + 900
-    while not any(s >= target for s in checkpoint_steps(workdir)):
-      assert proc.poll() is None, f'{note}: exited early:\n{log.read_text()[-3000:]}'
-      assert time.monotonic() < deadline, f'{note}: no checkpoint >= {target} in time'
-      time.sleep(0.02)
+  with started(args, env, log) as proc:
+    wait_for(proc, lambda: any(s >= target for s in checkpoint_steps(workdir)), log,
+             f'{note}: a checkpoint >= {target}')
     time.sleep(extra)
     assert proc.poll() is None, (f'{note}: finished before the kill (target step {target}, '
                                  f'+{extra:.2f} s); the kill must interrupt the run')
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
   assert proc.returncode == -signal.SIGKILL
   assert not (workdir / 'results.json').exists(), note
   return target
@@ -69,24 +84,15 @@ def terminate_at_random_moment(args, env, rng: random.Random, min_step: int, max
   target = rng.randint(min_step, max_step)
   extra = rng.uniform(0.0, 1.5)
   log = workdir.parent / f'{workdir.name}.term{target}.log'
-  with open(log, 'w') as stderr:
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-  try:
-    deadline = time.monotonic() + 900
-    while not any(s >= target for s in checkpoint_steps(workdir)):
-      assert proc.poll() is None, f'{note}: exited early:\n{log.read_text()[-3000:]}'
-      assert time.monotonic() < deadline, f'{note}: no checkpoint >= {target} in time'
-      time.sleep(0.02)
+  with started(args, env, log) as proc:
+    wait_for(proc, lambda: any(s >= target for s in checkpoint_steps(workdir)), log,
+             f'{note}: a checkpoint >= {target}')
     time.sleep(extra)
     assert proc.poll() is None, f'{note}: finished before SIGTERM (step {target} +{extra:.2f} s)'
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
     waited = time.monotonic() - sent
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
   text = log.read_text()
   last = [l for l in text.splitlines() if l.strip()][-1]
   assert proc.returncode == errors.EXIT_PREEMPTED, (note, text[-3000:])
@@ -238,21 +244,12 @@ def test_killed_autoattack_evaluation_resumes_from_its_chunks(compile_cache, tmp
   proc = run_main(command(ref), env)
   assert proc.returncode == 0, proc.stderr[-3000:]
 
-  with open(tmp_path / 'killed.log', 'w') as stderr:
-    p = subprocess.Popen(command(run), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-  try:
-    deadline = time.monotonic() + 600
-    while len(list(run.glob('autoattack/*/chunk_*.json'))) < 3:
-      assert p.poll() is None, (tmp_path / 'killed.log').read_text()[-3000:]
-      assert time.monotonic() < deadline
-      time.sleep(0.02)
+  chunks = lambda: len(list(run.glob('autoattack/*/chunk_*.json')))
+  with started(command(run), env, tmp_path / 'killed.log') as p:
+    wait_for(p, lambda: chunks() >= 3, tmp_path / 'killed.log', '3 AutoAttack chunks recorded')
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=60)
-  finally:
-    if p.poll() is None:
-      p.kill()
-      p.wait()
-  done = len(list(run.glob('autoattack/*/chunk_*.json')))
+  done = chunks()
   assert 3 <= done < 12, done  # killed in the middle: some chunks done, not all
   assert not (run / 'eval_results.json').exists()
 
