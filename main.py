@@ -35,6 +35,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from twins_jax import errors
+  errors.drop_closed_loop_noise()
   import jax
   if FLAGS.coordinator_address or FLAGS.distributed:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
@@ -59,7 +61,6 @@ def main(argv):
       logger.info('Multi-process CPU run: persistent compilation cache disabled.')
     if jax.process_index() != 0:  # process 0 logs and writes the results
       logger.setLevel(logging.WARNING)
-  from twins_jax import errors
   config = FLAGS.config
   try:
     if config.get('mode') == 'demo':

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -453,3 +454,18 @@ def test_unreadable_latest_checkpoint_falls_back(tmp_path, caplog):
   with pytest.raises(errors.WorkdirError, match='none of the checkpoints'):
     checkpointing.RunCheckpoints(tmp_path).restore_latest(abstract)
   assert checkpointing.RunCheckpoints(tmp_path / 'new').restore_latest(abstract) is None
+
+
+def test_only_the_closed_loop_noise_is_dropped(monkeypatch, capsys):
+  """The CLIs' filter drops 'Event loop is closed' (TensorStore reads completing after a
+  failed Orbax read) and passes every other exception to the previous hooks."""
+  seen = []
+  monkeypatch.setattr(sys, 'excepthook', lambda *exc: seen.append(exc[1]))
+  monkeypatch.setattr(sys, 'unraisablehook', lambda u: seen.append(u.exc_value))
+  errors.drop_closed_loop_noise()
+  errors.drop_closed_loop_noise()  # installed once, not stacked
+  noise, other = RuntimeError('Event loop is closed'), RuntimeError('a real failure')
+  for exc in (noise, other):
+    sys.excepthook(type(exc), exc, None)
+    sys.unraisablehook(types.SimpleNamespace(exc_value=exc))
+  assert seen == [other, other]

@@ -86,8 +86,43 @@ def disk_full_error(error: OSError, what: str) -> Optional[WorkdirError]:
   return None
 
 
+def _closed_loop_noise(exc: BaseException) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'
+
+
+def drop_closed_loop_noise() -> None:
+  """Keeps one known piece of noise off a command line's stderr (for CLIs, at start).
+
+  When Orbax fails to read a corrupt checkpoint, TensorStore reads still in flight complete
+  into Orbax's already closed asyncio loop, and their threads print ``RuntimeError: Event
+  loop is closed`` tracebacks, often after our one-line error. Those exceptions (and only
+  those) go to the debug log; every other exception is printed as before.
+  """
+  import logging  # pylint: disable=g-import-not-at-top
+  log = logging.getLogger('twins_jax')
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def on_exception(exc_type, exc, tb):
+    if _closed_loop_noise(exc):
+      log.debug('dropped from stderr: %r (a read still in flight after a failed one)', exc)
+    else:
+      excepthook(exc_type, exc, tb)
+
+  def on_unraisable(unraisable):
+    if _closed_loop_noise(unraisable.exc_value):
+      log.debug('dropped from stderr: %r (a read still in flight after a failed one)',
+                unraisable.exc_value)
+    else:
+      unraisablehook(unraisable)
+
+  if not getattr(sys.excepthook, 'drops_closed_loop_noise', False):
+    on_exception.drops_closed_loop_noise = True
+    sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
+
+
 def run_cli(main: Callable[[], int], argv=None) -> int:
   """Runs a command-line ``main`` and turns a :class:`UserError` into one ``error:`` line."""
+  drop_closed_loop_noise()
   try:
     return main()
   except UserError as e:

@@ -162,11 +162,18 @@ _ROBUSTNESS_AUX = ('attacker.', 'normalizer.')
 _INFO_KEYS = ('epoch', 'nat_prec1', 'adv_prec1', 'best_prec1', 'arch')
 
 
+def _first(names: Sequence[str], n: int, sep: str = ', ') -> str:
+  """The first ``n`` of ``names``, and how many more there are."""
+  more = f'{sep}... ({len(names) - n} more)' if len(names) > n else ''
+  return sep.join(names[:n]) + more
+
+
 class PortError(errors.CheckpointError):
   """The checkpoint cannot be ported as asked; ``.report`` says why, by name."""
 
-  def __init__(self, message: str, report: Optional['PortReport'] = None):
-    super().__init__(message)
+  def __init__(self, message: str, report: Optional['PortReport'] = None,
+               details: Optional[str] = None):
+    super().__init__(message, details)
     self.report = report
 
 
@@ -484,22 +491,22 @@ def port_checkpoint(src, spec: models.ModelSpec, *, allow_missing: Sequence[str]
   report.unexpected.sort()
 
   if not report.ok:
-    parts = []
-    if report.missing:
-      parts.append(f'missing from the checkpoint ({len(report.missing)}): ' +
-                   ', '.join(report.missing))
-    if report.unexpected:
-      parts.append(f'unexpected in the checkpoint ({len(report.unexpected)}): ' +
-                   ', '.join(report.unexpected))
-    if report.mismatched:
-      parts.append(f'mis-shaped ({len(report.mismatched)}): ' + '; '.join(report.mismatched))
+    kinds = (('missing from the checkpoint', report.missing, ', '),
+             ('unexpected in the checkpoint', report.unexpected, ', '), ('mis-shaped',
+                                                                         report.mismatched, '; '))
+    short = [
+        f'{what} ({len(names)}): {_first(names, 3, sep)}' for what, names, sep in kinds if names
+    ]
+    full = [
+        f'{what} ({len(names)}): {_first(names, 30, sep)}' for what, names, sep in kinds if names
+    ]
     hint = ('Check --arch / --num-classes against the checkpoint.'
             if not (report.missing or report.unexpected) else
             'Check --arch, or pass allow_missing / --allow-missing (e.g. "layer4.*") or '
             'allow_unexpected / --allow-unexpected globs to accept a partial load deliberately.')
     raise PortError(
-        f'{source} does not fit {arch} with {num_classes} classes:\n  ' + '\n  '.join(parts) +
-        '\n' + hint, report)
+        f'{source} does not fit {arch} with {num_classes} classes: ' + '; '.join(short) + '. ' +
+        hint, report, details='\n'.join(full))
 
   for w in report.warnings:
     warnings.warn(w, stacklevel=2)
@@ -604,6 +611,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parser().parse_args(argv)
+  errors.drop_closed_loop_noise()
   from twins_jax.torch_pickle import CheckpointFormatError, UnsafeCheckpointError  # pylint: disable=g-import-not-at-top
   try:
     with warnings.catch_warnings():

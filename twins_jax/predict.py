@@ -309,6 +309,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parser().parse_args(argv)
+  errors.drop_closed_loop_noise()
   try:
     if args.batch_size < 1:
       raise ValueError(f'--batch-size must be positive, got {args.batch_size}.')
