@@ -68,7 +68,9 @@ def test_dry_run_measures_every_section(tmp_path):
   aa = secs['autoattack']['results']
   assert set(aa) == {'apgd-ce', 'apgd-t'}
   for r in aa.values():
-    assert r['images_per_s'] > 0 and r['tflop_per_s'] > 0 and not r['includes_compile']
+    assert r['images_per_s'] > 0 and r['tflop_per_s'] > 0 and r['warm_call']
+    assert r['calls'][1]['compile_s'] == 0  # the second call compiles nothing
+    assert r['point_runs'] >= r['images']  # the first run attacks every image
     assert r['accuracy']['clean'] == 1.0  # labels are the model's predictions
   sweep = result['sweep']['fp32_lhs']
   assert sweep['status'] == 'ok'
@@ -77,7 +79,7 @@ def test_dry_run_measures_every_section(tmp_path):
   summary = result['summary']
   _positive(summary, 'train_ratio_jax_fp32_over_torch_fp32')
   _positive(summary, 'train_ratio_jax_bf16_over_torch_amp_bf16')
-  _positive(summary, 'autoattack_suite_images_per_s_fully_robust')
+  _positive(summary, 'autoattack_fast_suite_images_per_s')
   assert len(summary['input_vs_step']) == 4
   assert 'train step   JAX bfloat16' in stdout and 'sweep' in stdout
   assert result['wall_s'] < result['budget_s']
@@ -154,7 +156,7 @@ def test_summary_and_table(capsys):
   assert s['train_ratio_jax_bf16_over_torch_amp_bf16'] == pytest.approx(1.5)
   assert s['train_ratio_jax_best_over_torch_best'] == pytest.approx(1.5)
   assert s['train_bf16_fraction_of_measured_bf16_matmul_peak'] == pytest.approx(0.1)
-  assert s['autoattack_suite_images_per_s_fully_robust'] == pytest.approx(5.0)
+  assert s['autoattack_fast_suite_images_per_s'] == pytest.approx(5.0)
   assert s['input_vs_step']['cifar workers=0,threads=16']['exceeds_step'] is True
   assert s['input_vs_step']['folder workers=16,threads=2']['exceeds_step'] is False
   result['summary'] = s
