@@ -260,17 +260,20 @@ def test_levers_switch_and_restore():
 def test_step_benchmarks_run(tmp_path, script, extra):
   """bench/ab_step.py and bench/profile_step.py end to end on the tiny net (JAX side)."""
   import json
+  import os
   import subprocess
   import sys
   from pathlib import Path
   root = Path(__file__).resolve().parents[1]
   out = tmp_path / 'out.json'
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)  # conftest's 8 simulated devices: the benchmarks use one
   proc = subprocess.run([
       sys.executable,
       str(root / 'bench' / script), '--arch', 'tiny_resnet', '--resize', 'none', '--batch', '4',
       '--attack-steps', '1', '--no-torch', '--json',
       str(out), *extra
-  ], cwd=root, capture_output=True, text=True, timeout=600)
+  ], cwd=root, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
   if script == 'ab_step.py':
