@@ -100,7 +100,8 @@ AUTOATTACK_FORMAT = 2
 def autoattack_fingerprint(variables, config, n: int, chunk: int,
                            image_size: int) -> tuple[str, dict]:
   """What a chunk's result depends on: the model's variables (hashed), the attack settings,
-  the seed, the data and the chunking. Returns ``(hex digest, the settings)``."""
+  the seed, the data settings (dataset, folders, classes, skipped images...) and the
+  chunking. Returns ``(hex digest, the settings)``."""
   h = hashlib.sha256()
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(jax.device_get(variables)), sep='/')
   for name in sorted(flat):
@@ -110,7 +111,7 @@ def autoattack_fingerprint(variables, config, n: int, chunk: int,
   settings = {
       'format': AUTOATTACK_FORMAT, 'variables_sha256': h.hexdigest(), 'version': config.autoattack,
       'norm': config.norm, 'eps': float(config.eps), 'seed': int(config.seed),
-      'dataset': config.dataset, 'data_dir': str(config.data_dir), 'image_size': int(image_size),
+      'data': setup.data_config(config), 'image_size': int(image_size),
       'resize': int(config.resize), 'examples': int(n), 'chunk': int(chunk)
   }
   digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
