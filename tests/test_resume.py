@@ -56,6 +56,12 @@ def wait_for(proc, ready, log: Path, what: str, timeout: float = 900) -> None:
     time.sleep(0.02)
 
 
+def seeded_rng() -> tuple[random.Random, str]:
+  """The random moments' generator and a note naming its seed (TWINS_RESUME_SEED replays it)."""
+  seed = int(os.environ.get('TWINS_RESUME_SEED', time.time_ns() % 2**31))
+  return random.Random(seed), f'TWINS_RESUME_SEED={seed}'
+
+
 def kill_at_random_moment(args, env, rng: random.Random, min_step: int, max_step: int,
                           workdir: Path, note: str) -> int:
   """Starts ``args``, waits until a checkpoint of a random step in [min_step, max_step]
@@ -172,9 +178,7 @@ def _corrupt_latest_checkpoint(workdir: Path) -> int:
 
 @pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted_run(compile_cache, tmp_path, uninterrupted):
-  seed = int(os.environ.get('TWINS_RESUME_SEED', time.time_ns() % 2**31))
-  rng = random.Random(seed)
-  note = f'TWINS_RESUME_SEED={seed}'
+  rng, note = seeded_rng()
   env = subprocess_env(compile_cache)
   config = tiny_config(compile_cache, **RESUME)
 
@@ -199,9 +203,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(compile_cache, tmp_path
 def test_sigterm_saves_stops_and_resumes_bit_exactly(compile_cache, tmp_path, uninterrupted):
   """Preemption: SIGTERM at random moments; each time the run saves the step it reached and
   exits (status 143, one line); the same command resumes it, to the same final state."""
-  seed = int(os.environ.get('TWINS_RESUME_SEED', time.time_ns() % 2**31))
-  rng = random.Random(seed)
-  note = f'TWINS_RESUME_SEED={seed}'
+  rng, note = seeded_rng()
   env = subprocess_env(compile_cache)
   config = tiny_config(compile_cache, **RESUME)
   run = tmp_path / 'preempted'

@@ -120,6 +120,15 @@ def drop_closed_loop_noise() -> None:
     sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
 
 
+def cli_parser(script: str, module: str, description: str):
+  """The argument parser of a command installed as the console script ``script`` and also run
+  as ``python -m module``: its usage names the way it was started."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  installed = os.path.basename(sys.argv[0]) == script
+  return argparse.ArgumentParser(prog=script if installed else f'python -m {module}',
+                                 description=description)
+
+
 def run_cli(main: Callable[[], int], argv=None) -> int:
   """Runs a command-line ``main`` and turns a :class:`UserError` into one ``error:`` line."""
   drop_closed_loop_noise()

@@ -161,10 +161,9 @@ def _torch_writer():
 
 
 def _parser() -> argparse.ArgumentParser:
-  installed = os.path.basename(sys.argv[0]) == 'twins-jax-export'
-  p = argparse.ArgumentParser(
-      prog='twins-jax-export' if installed else 'python -m twins_jax.export',
-      description='Write the inference network (Adaptive Net, eval mode) of a model directory '
+  p = errors.cli_parser(
+      'twins-jax-export', 'twins_jax.export',
+      'Write the inference network (Adaptive Net, eval mode) of a model directory '
       'as a torchvision-named PyTorch ResNet state dict.')
   p.add_argument('model_dir', help='model directory (from twins_jax.port or training) or a '
                  'training workdir')

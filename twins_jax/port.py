@@ -577,10 +577,9 @@ def read_class_names(path) -> List[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-  installed = os.path.basename(sys.argv[0]) == 'twins-jax-port'
-  p = argparse.ArgumentParser(
-      prog='twins-jax-port' if installed else 'python -m twins_jax.port',
-      description='Port a PyTorch ResNet checkpoint (robustness .ckpt, torchvision or '
+  p = errors.cli_parser(
+      'twins-jax-port', 'twins_jax.port',
+      'Port a PyTorch ResNet checkpoint (robustness .ckpt, torchvision or '
       'RobustBench state dict) to a twins_jax model directory.')
   p.add_argument('src', help='the PyTorch checkpoint: a file or hf://ORG/REPO/FILE')
   p.add_argument('dst', help='the model directory to write')

@@ -281,10 +281,9 @@ def write_output(out: str, logits: np.ndarray, rows: List[dict]) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-  installed = os.path.basename(sys.argv[0]) == 'twins-jax-predict'
-  p = argparse.ArgumentParser(
-      prog='twins-jax-predict' if installed else 'python -m twins_jax.predict',
-      description='Top-k classes (and logits) of the Adaptive Net (eval mode) of a model directory '
+  p = errors.cli_parser(
+      'twins-jax-predict', 'twins_jax.predict',
+      'Top-k classes (and logits) of the Adaptive Net (eval mode) of a model directory '
       'for image files, folders of images or an .npy array.')
   p.add_argument('model_dir', help='model directory (from twins_jax.port or training) or a '
                  'training workdir')
